@@ -1,0 +1,79 @@
+// CUDA dispatch of the carprune ops: argument checks (shared with CPU), then the raw-pointer
+// launchers on the current stream.
+#include <ATen/cuda/CUDAContext.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <torch/library.h>
+#include "ops/common/checks.h"
+#include "ops/cuda/launchers.h"
+
+namespace carprune {
+namespace {
+
+void check_launch(cudaError_t err, const char* op) {
+  TORCH_CHECK(err == cudaSuccess, "carprune.", op, ": CUDA launch failed: ",
+              cudaGetErrorString(err));
+}
+
+at::Tensor ablate_conv_cuda(const at::Tensor& a_in, const at::Tensor& weight_in,
+                            const at::Tensor& z_in, const at::Tensor& scale_in,
+                            const at::Tensor& shift_in, const at::Tensor& channels_in,
+                            at::IntArrayRef stride, at::IntArrayRef padding,
+                            at::IntArrayRef dilation, bool relu) {
+  const ConvGeom g = check_ablate_conv(a_in, weight_in, z_in, scale_in, shift_in, channels_in,
+                                       stride, padding, dilation);
+  const c10::cuda::CUDAGuard guard(a_in.device());
+  const auto a = a_in.contiguous(), weight = weight_in.contiguous(), z = z_in.contiguous();
+  const auto scale = scale_in.contiguous(), shift = shift_in.contiguous();
+  const auto channels = channels_in.contiguous();
+  const int64_t B = a.size(0), C = a.size(1), F = weight.size(0), m = channels.size(0);
+  if (m > 0) {
+    const auto lo = channels.min().item<int64_t>(), hi = channels.max().item<int64_t>();
+    TORCH_CHECK(lo >= 0 && hi < C, "carprune.ablate_conv: channel indices must lie in [0, ", C,
+                "), got [", lo, ", ", hi, "]");
+  }
+  auto out = at::empty({m, B, F, g.Ho, g.Wo}, a.options());
+  const auto stream = at::cuda::getCurrentCUDAStream();
+  AT_DISPATCH_FLOATING_TYPES(a.scalar_type(), "carprune_ablate_conv_cuda", [&] {
+    check_launch(cuda::launch_ablate_conv<scalar_t>(
+                     a.data_ptr<scalar_t>(), weight.data_ptr<scalar_t>(), z.data_ptr<scalar_t>(),
+                     scale.data_ptr<scalar_t>(), shift.data_ptr<scalar_t>(),
+                     channels.data_ptr<int64_t>(), out.data_ptr<scalar_t>(), m, B, C, F, g, relu,
+                     stream),
+                 "ablate_conv");
+  });
+  return out;
+}
+
+at::Tensor class_correct_counts_cuda(const at::Tensor& logits_in, const at::Tensor& labels_in,
+                                     int64_t topk) {
+  check_class_correct_counts(logits_in, labels_in, topk);
+  const c10::cuda::CUDAGuard guard(logits_in.device());
+  const int64_t m = logits_in.size(0), B = logits_in.size(1), K = logits_in.size(2);
+  const auto logits = (logits_in.scalar_type() == at::kDouble ? logits_in
+                                                               : logits_in.to(at::kFloat))
+                          .contiguous();
+  const auto labels = labels_in.contiguous();
+  if (B > 0) {
+    const auto lo = labels.min().item<int64_t>(), hi = labels.max().item<int64_t>();
+    TORCH_CHECK(lo >= 0 && hi < K, "carprune.class_correct_counts: labels must lie in [0, ", K,
+                ") for ", K, " classes, got labels in [", lo, ", ", hi, "]");
+  }
+  auto counts = at::zeros({m, K}, labels.options());
+  const auto stream = at::cuda::getCurrentCUDAStream();
+  AT_DISPATCH_FLOATING_TYPES(logits.scalar_type(), "carprune_class_correct_counts_cuda", [&] {
+    check_launch(cuda::launch_class_correct_counts<scalar_t>(
+                     logits.data_ptr<scalar_t>(), labels.data_ptr<int64_t>(),
+                     counts.data_ptr<int64_t>(), m, B, K, topk, stream),
+                 "class_correct_counts");
+  });
+  return counts;
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(carprune, CUDA, m) {
+  m.impl("ablate_conv", &ablate_conv_cuda);
+  m.impl("class_correct_counts", &class_correct_counts_cuda);
+}
+
+}  // namespace carprune

@@ -1,0 +1,63 @@
+"""Loads the native extension and gives every ``torch.ops.carprune`` op a fake (meta) kernel.
+
+The fake kernels let ``torch.compile``/``opcheck`` reason about output shapes without data.
+"""
+
+from __future__ import annotations
+
+import torch
+
+try:
+    from . import _C  # noqa: F401  (registers torch.ops.carprune.*)
+except ImportError as exc:  # pragma: no cover - only hit on a broken install
+    raise ImportError(
+        "carprune's native extension failed to load. Build it against the installed torch with "
+        "`pip install --no-build-isolation .` (torch must be installed first)."
+    ) from exc
+
+WITH_CUDA: bool = bool(_C.with_cuda)
+
+
+def _conv_out(size: int, k: int, s: int, p: int, d: int) -> int:
+    return (size + 2 * p - d * (k - 1) - 1) // s + 1
+
+
+@torch.library.register_fake("carprune::ablate_conv")
+def _ablate_conv_fake(a, weight, z, scale, shift, channels, stride, padding, dilation, relu):
+    torch._check(a.dim() == 4 and weight.dim() == 4, lambda: "a and weight must be 4-D")
+    ho = _conv_out(a.shape[2], weight.shape[2], stride[0], padding[0], dilation[0])
+    wo = _conv_out(a.shape[3], weight.shape[3], stride[1], padding[1], dilation[1])
+    return a.new_empty((channels.shape[0], a.shape[0], weight.shape[0], ho, wo))
+
+
+@torch.library.register_fake("carprune::class_correct_counts")
+def _class_correct_counts_fake(logits, labels, topk=1):
+    torch._check(logits.dim() == 3, lambda: "logits must be [m, B, K]")
+    return labels.new_empty((logits.shape[0], logits.shape[2]))
+
+
+def ablate_conv(
+    a: torch.Tensor,
+    weight: torch.Tensor,
+    z: torch.Tensor,
+    scale: torch.Tensor,
+    shift: torch.Tensor,
+    channels: torch.Tensor,
+    stride: tuple[int, int] = (1, 1),
+    padding: tuple[int, int] = (0, 0),
+    dilation: tuple[int, int] = (1, 1),
+    relu: bool = False,
+) -> torch.Tensor:
+    """``[m, B, F, Ho, Wo]``: act(scale * (z - conv(a[:, s], weight[:, s])) + shift) per channel s.
+
+    ``z = conv(a, weight) (+ bias)`` is the consumer's full pre-activation, computed once; each
+    ablation then costs one single-channel conv instead of a full one.
+    """
+    return torch.ops.carprune.ablate_conv(
+        a, weight, z, scale, shift, channels, list(stride), list(padding), list(dilation), relu
+    )
+
+
+def class_correct_counts(logits: torch.Tensor, labels: torch.Tensor, topk: int = 1) -> torch.Tensor:
+    """``[m, K]`` int64: images of each class whose label is in the top-k of ``logits[j]``."""
+    return torch.ops.carprune.class_correct_counts(logits, labels, topk)
