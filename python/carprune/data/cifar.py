@@ -27,7 +27,7 @@ def read_image_tar(path: Path, split: str | None, classes: tuple[str, ...] | Non
     Returns uint8 images [N, H, W, C], labels [N] and the class names (sorted, unless given).
     """
     try:
-        tar = tarfile.open(path, "r:*")
+        tar = tarfile.open(path, "r:*")  # noqa: SIM115  (closed by the `with tar` below)
     except (tarfile.TarError, OSError, EOFError) as exc:
         raise ValueError(f"{path} is not a readable tar archive ({exc})") from exc
     items: list[tuple[str, str, bytes]] = []

@@ -1,0 +1,383 @@
+"""The CAR scoring engine: every single-filter ablation of a conv layer scored from one pass of
+the network prefix per image.
+
+Per chunk of images, the prefix (everything before the cut) runs once and the tensors live
+across the cut are cached. Ablations are then evaluated in batches of m filters through the
+tail only. When the cut feeds one conv (+ BatchNorm + ReLU), that conv is not recomputed per
+ablation: its full pre-activation Z is computed once and the fused `ablate_conv` kernel takes
+out the removed channel's contribution. Logits become per-(ablation, class) correct counts in
+the `class_correct_counts` kernel. All counts are integers, so the result does not depend on
+chunk sizes, m or the thread count (up to float rounding inside the tail's own layers).
+"""
+
+from __future__ import annotations
+
+import re
+import sys
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import fx, nn
+
+from . import _ops, graph
+from .data.batches import DataLike, class_names, load_batch, num_items, pick_indices
+from .scores import LayerScores
+
+DEFAULT_MEMORY_BUDGET = 2 * 2**30
+# Rows per tail/prefix call are sized so that the largest intermediate tensor of one call stays
+# near this many bytes: on a 2-core CPU with a few MB of cache, ResNet-20 ran about twice as fast
+# in batches of 50-100 images as in batches of 500 (see benchmarks/bench_batch_size.py).
+TARGET_CALL_BYTES = 4 * 2**20
+MAX_CALL_ROWS = 4096
+
+_UNITS = {"": 1, "b": 1, "k": 2**10, "kb": 10**3, "kib": 2**10, "m": 2**20, "mb": 10**6,
+          "mib": 2**20, "g": 2**30, "gb": 10**9, "gib": 2**30}
+
+
+def parse_bytes(value: int | str | None) -> int:
+    """Bytes from an int or a string such as '2GiB', '512M', '1.5 GB'."""
+    if value is None:
+        return DEFAULT_MEMORY_BUDGET
+    if isinstance(value, (int, np.integer)):
+        n = int(value)
+    else:
+        m = re.fullmatch(r"\s*([0-9.]+)\s*([a-zA-Z]*)\s*", str(value))
+        if not m or m.group(2).lower() not in _UNITS:
+            raise ValueError(f"cannot read a memory size from {value!r} (e.g. '2GiB', '512MB')")
+        n = int(float(m.group(1)) * _UNITS[m.group(2).lower()])
+    if n <= 0:
+        raise ValueError(f"memory budget must be positive, got {value!r}")
+    return n
+
+
+def _bytes_per_row(t: object) -> int:
+    if isinstance(t, torch.Tensor) and t.dim() > 0:
+        return t[0].numel() * t.element_size() if t.shape[0] else 0
+    return 0
+
+
+class _SizeRecorder(fx.Interpreter):
+    """Runs a graph on a one-image batch, recording the largest and the total intermediate size."""
+
+    def __init__(self, gm: fx.GraphModule) -> None:
+        super().__init__(gm)
+        self.max_bytes = 0
+        self.total_bytes = 0
+
+    def run_node(self, n: fx.Node) -> object:
+        out = super().run_node(n)
+        b = _bytes_per_row(out)
+        self.max_bytes = max(self.max_bytes, b)
+        self.total_bytes += b
+        return out
+
+
+def _rows_for(max_bytes: int, total_bytes: int, budget: int) -> int:
+    rows = TARGET_CALL_BYTES // max(1, max_bytes)
+    rows = min(rows, budget // max(1, total_bytes), MAX_CALL_ROWS)
+    return max(1, int(rows))
+
+
+@dataclass
+class _Chunk:
+    labels: torch.Tensor                 # [B]
+    a: torch.Tensor                      # the cut activation [B, C, H, W], removed channels zero
+    z: torch.Tensor | None               # fused consumer's pre-activation [B, F, Ho, Wo]
+    others: dict[str, torch.Tensor]      # other live tensors the tail needs
+
+
+class LayerScorer:
+    """Holds one layer's cut, its cached activations and the current set of removed filters.
+
+    `score()` scores filters on the current structure; `remove()` takes filters out, updating the
+    cached activation and the consumer's pre-activation incrementally. Greedy compression reuses
+    one scorer for a whole run: nothing before the cut is ever recomputed.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        layer: str,
+        data: DataLike,
+        *,
+        num_images: int | None = None,
+        seed: int = 0,
+        memory_budget: int | str | None = None,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype = torch.float32,
+        topk: int = 1,
+        fused: bool = True,
+        rows: int | None = None,
+        progress: bool | None = None,
+    ) -> None:
+        if dtype not in (torch.float32, torch.float64):
+            raise ValueError(f"dtype must be torch.float32 or torch.float64, got {dtype}")
+        if topk < 1:
+            raise ValueError(f"topk must be >= 1, got {topk}")
+        params = list(model.parameters())
+        self.device = torch.device(device) if device is not None else (
+            params[0].device if params else torch.device("cpu"))
+        self.dtype = dtype
+        self.topk = topk
+        self.layer = layer
+        self.budget = parse_bytes(memory_budget)
+        self.progress = sys.stderr.isatty() if progress is None else progress
+        gm = graph.trace(model).to(device=self.device, dtype=dtype)
+        self.cut = graph.find_cut(gm, layer)
+        self.split = graph.split_at(gm, self.cut, fuse=fused)
+        self.fused = self.split.fused
+        self.num_filters = self.cut.num_filters
+        self.removed: list[int] = []
+        self.data = data
+        self.indices = pick_indices(num_items(data), num_images, seed)
+        if self.fused is not None:
+            conv = self.fused.conv
+            self._w = conv.weight.detach().contiguous()
+            self._b = conv.bias.detach() if conv.bias is not None else None
+            self._scale, self._shift = self.fused.scale_shift(dtype, self.device)
+        self._plan(rows)
+        self._chunks: list[_Chunk] | None = None
+
+    # -- planning ----------------------------------------------------------------------------
+    def _images(self, idx: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
+        x, y = load_batch(self.data, idx)
+        if not x.is_floating_point():
+            raise TypeError(f"images must be floating point tensors, got {x.dtype}")
+        return x.to(self.device, self.dtype), y.to(self.device)
+
+    def _run_prefix(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        try:
+            return self.split.prefix(x)
+        except RuntimeError as exc:
+            raise ValueError(f"images of shape {tuple(x.shape[1:])} do not fit the model "
+                             f"({str(exc).splitlines()[0]})") from exc
+
+    def _plan(self, rows: int | None) -> None:
+        x, _ = self._images(self.indices[:1])
+        with torch.no_grad():
+            rec = _SizeRecorder(self.split.prefix)
+            try:
+                live = rec.run(x)
+            except RuntimeError as exc:
+                raise ValueError(f"images of shape {tuple(x.shape[1:])} do not fit the model "
+                                 f"({str(exc).splitlines()[0]})") from exc
+            for name, t in zip(self.split.live, live, strict=True):
+                if not isinstance(t, torch.Tensor):
+                    raise graph.CutError(
+                        f"layer {self.layer!r}: the value {name!r} ({type(t).__name__}) computed "
+                        "before the cut is used after it; batch-size dependent values (e.g. "
+                        "x.size(0)) must be computed from tensors after the cut")
+            self.prefix_rows = _rows_for(rec.max_bytes, rec.total_bytes, self.budget // 4)
+            inputs = self._tail_inputs(self._probe_chunk(live, torch.zeros(1)), 0, 1, None)
+            trec = _SizeRecorder(self.split.tail)
+            logits = trec.run(*inputs)
+        if not (isinstance(logits, torch.Tensor) and logits.dim() == 2):
+            raise ValueError("the model must return logits [batch, classes], got "
+                             f"{type(logits).__name__} {getattr(logits, 'shape', '')}")
+        self.num_classes = int(logits.shape[1])
+        self.classes = class_names(self.data, self.num_classes)
+        tail_row = sum(_bytes_per_row(t) for t in inputs) + trec.total_bytes
+        self.rows = rows or _rows_for(max(trec.max_bytes, _bytes_per_row(inputs[0])), tail_row,
+                                      self.budget // 4)
+        cached = sum(_bytes_per_row(t) for t in live) + (
+            _bytes_per_row(inputs[0]) if self.fused is not None else 0)
+        self.cache_all = cached * len(self.indices) <= self.budget // 2
+        self.chunk_images = len(self.indices) if self.cache_all else max(
+            1, (self.budget // 2) // max(1, cached))
+
+    def _probe_chunk(self, live: Sequence[torch.Tensor], labels: torch.Tensor) -> _Chunk:
+        return self._make_chunk(list(live), labels)
+
+    # -- chunks ------------------------------------------------------------------------------
+    def _make_chunk(self, live: list[torch.Tensor], labels: torch.Tensor) -> _Chunk:
+        a = live[0]
+        others = dict(zip(self.split.live[1:], live[1:], strict=True))
+        if any(t.untyped_storage().data_ptr() == a.untyped_storage().data_ptr()
+               for t in others.values()):
+            a = a.clone()  # `a` is zeroed in place on removal; never through an alias
+        if self.removed:
+            a[:, self.removed] = 0
+        z = None
+        if self.fused is not None:
+            c = self.fused.conv
+            z = F.conv2d(a, self._w, self._b, c.stride, c.padding, c.dilation).contiguous()
+        return _Chunk(labels=labels, a=a.contiguous(), z=z, others=others)
+
+    def _compute_chunk(self, idx: np.ndarray) -> _Chunk:
+        parts: list[list[torch.Tensor]] = []
+        labels = []
+        for s in range(0, len(idx), self.prefix_rows):
+            x, y = self._images(idx[s:s + self.prefix_rows])
+            parts.append([t.contiguous() for t in self._run_prefix(x)])
+            labels.append(y)
+        live = [torch.cat(ts) if len(ts) > 1 else ts[0] for ts in zip(*parts, strict=True)]
+        y = torch.cat(labels)
+        if y.numel() and (int(y.min()) < 0 or int(y.max()) >= self.num_classes):
+            raise ValueError(f"labels must lie in [0, {self.num_classes}) for a model with "
+                             f"{self.num_classes} outputs, got [{int(y.min())}, {int(y.max())}]")
+        return self._make_chunk(live, y)
+
+    def _iter_chunks(self) -> Iterator[_Chunk]:
+        if self._chunks is not None:
+            yield from self._chunks
+            return
+        groups = [self.indices[s:s + self.chunk_images]
+                  for s in range(0, len(self.indices), self.chunk_images)]
+        if self.cache_all:
+            with torch.no_grad():
+                self._chunks = [self._compute_chunk(g) for g in groups]
+            yield from self._chunks
+            return
+        for g in groups:
+            with torch.no_grad():
+                yield self._compute_chunk(g)
+
+    # -- the tail ----------------------------------------------------------------------------
+    def _tail_inputs(self, ch: _Chunk, b0: int, b1: int, channels: torch.Tensor | None
+                     ) -> list[torch.Tensor]:
+        """Tail inputs for images b0:b1 under each ablation in `channels` (None: no ablation),
+        stacked ablation-major: row j * b + i is image i with channel channels[j] removed."""
+        m = 1 if channels is None else int(channels.numel())
+        b = b1 - b0
+        a = ch.a[b0:b1]
+        out = []
+        for name in self.split.tail_inputs:
+            if self.fused is not None and name == self.fused.end.name:
+                c = self.fused.conv
+                z = ch.z[b0:b1]
+                if channels is None:
+                    v = z * self._scale.view(1, -1, 1, 1) + self._shift.view(1, -1, 1, 1)
+                    out.append(v.clamp_min(0) if self.fused.relu else v)
+                else:
+                    v = _ops.ablate_conv(a, self._w, z, self._scale, self._shift, channels,
+                                         c.stride, c.padding, c.dilation, self.fused.relu)
+                    out.append(v.view(m * b, *v.shape[2:]))
+            elif name == self.split.live[0]:
+                if channels is None:
+                    out.append(a)
+                else:
+                    v = a.unsqueeze(0).repeat(m, 1, 1, 1, 1)
+                    v[torch.arange(m, device=a.device), :, channels] = 0
+                    out.append(v.view(m * b, *a.shape[1:]))
+            else:
+                t = ch.others[name][b0:b1]
+                out.append(t if m == 1 else
+                           t.unsqueeze(0).expand(m, *t.shape).reshape(m * b, *t.shape[1:]))
+        return out
+
+    def _correct(self, ch: _Chunk, b0: int, b1: int, channels: torch.Tensor | None) -> torch.Tensor:
+        m = 1 if channels is None else int(channels.numel())
+        logits = self.split.tail(*self._tail_inputs(ch, b0, b1, channels))
+        return _ops.class_correct_counts(logits.view(m, b1 - b0, -1), ch.labels[b0:b1], self.topk)
+
+    # -- public ------------------------------------------------------------------------------
+    @property
+    def alive(self) -> list[int]:
+        gone = set(self.removed)
+        return [f for f in range(self.num_filters) if f not in gone]
+
+    def _check_filters(self, filters: Sequence[int]) -> list[int]:
+        out = [int(f) for f in filters]
+        bad = [f for f in out if not 0 <= f < self.num_filters]
+        if bad:
+            raise ValueError(f"filters {bad} are out of range for {self.layer!r} "
+                             f"({self.num_filters} filters)")
+        gone = sorted(set(out) & set(self.removed))
+        if gone:
+            raise ValueError(f"filters {gone} of {self.layer!r} are already removed")
+        return out
+
+    def score(self, filters: Sequence[int] | None = None) -> LayerScores:
+        """CAR counts for `filters` (default: every filter not yet removed)."""
+        filt = self.alive if filters is None else self._check_filters(filters)
+        n, k = len(filt), self.num_classes
+        counts = torch.zeros(n, k, dtype=torch.int64)
+        base = torch.zeros(k, dtype=torch.int64)
+        totals = torch.zeros(k, dtype=torch.int64)
+        chan = torch.tensor(filt, dtype=torch.int64, device=self.device)
+        n_img = len(self.indices)
+        b = min(n_img, self.chunk_images, self.rows)
+        m = max(1, min(n, self.rows // b)) if n else 1
+        calls = sum(-(-min(self.chunk_images, n_img - s) // b)
+                    for s in range(0, n_img, self.chunk_images)) * -(-n // m)
+        bar = _progress(calls, f"CAR {self.layer}", self.progress)
+        with torch.no_grad():
+            for ch in self._iter_chunks():
+                bsz = ch.labels.shape[0]
+                totals += torch.bincount(ch.labels.cpu(), minlength=k)
+                for b0 in range(0, bsz, b):
+                    b1 = min(bsz, b0 + b)
+                    base += self._correct(ch, b0, b1, None)[0].cpu()
+                    for j0 in range(0, n, m):
+                        counts[j0:j0 + m] += self._correct(ch, b0, b1, chan[j0:j0 + m]).cpu()
+                        bar.update(1)
+        bar.close()
+        return LayerScores(layer=self.layer, filters=torch.tensor(filt, dtype=torch.int64),
+                           counts=counts, base_counts=base, class_totals=totals,
+                           classes=self.classes, topk=self.topk, removed=list(self.removed))
+
+    def remove(self, filters: Sequence[int]) -> None:
+        """Remove filters for all later scoring: their channels are zeroed at the cut and their
+        contribution is subtracted from the consumer's cached pre-activation."""
+        filt = self._check_filters(filters)
+        if self._chunks is not None:
+            with torch.no_grad():
+                for ch in self._chunks:
+                    for s in filt:
+                        if ch.z is not None:
+                            c = self.fused.conv
+                            one = torch.ones_like(self._scale)
+                            sel = torch.tensor([s], dtype=torch.int64, device=self.device)
+                            ch.z = _ops.ablate_conv(ch.a, self._w, ch.z, one, torch.zeros_like(one),
+                                                    sel, c.stride, c.padding, c.dilation, False)[0]
+                        ch.a[:, s] = 0
+        self.removed.extend(filt)
+
+
+class _NoBar:
+    def update(self, n: int = 1) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+
+def _progress(total: int, desc: str, enabled: bool):
+    if not enabled:
+        return _NoBar()
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, desc=desc, unit="batch", leave=False)
+
+
+def score_layer(
+    model: nn.Module,
+    layer: str,
+    data: DataLike,
+    *,
+    num_images: int | None = None,
+    seed: int = 0,
+    filters: Sequence[int] | None = None,
+    removed: Sequence[int] = (),
+    memory_budget: int | str | None = None,
+    device: torch.device | str | None = None,
+    dtype: torch.dtype = torch.float32,
+    topk: int = 1,
+    fused: bool = True,
+    rows: int | None = None,
+    progress: bool | None = None,
+) -> LayerScores:
+    """CAR (and class-wise CAR_c) of every filter of conv `layer` of `model` on `data`.
+
+    `num_images` takes a seeded random subset; `removed` filters count as already gone;
+    `memory_budget` (bytes or '2GiB') bounds the cached activations and each tail batch.
+    """
+    scorer = LayerScorer(model, layer, data, num_images=num_images, seed=seed,
+                         memory_budget=memory_budget, device=device, dtype=dtype, topk=topk,
+                         fused=fused, rows=rows, progress=progress)
+    if removed:
+        scorer.remove(removed)
+    return scorer.score(filters)

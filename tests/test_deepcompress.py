@@ -1,0 +1,475 @@
+"""Deep Compression on real weights and data, checked against independent references: a
+brute-force numpy k-means, a hand-built canonical Huffman decoder, a hand-written frame parser
+of the .cpz layout, and per-cluster gradient sums computed outside the library."""
+
+from __future__ import annotations
+
+import copy
+import heapq
+import math
+import os
+import struct
+import time
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.data import DataLoader
+
+import carprune as cp
+import carprune.deepcompress as dc
+from carprune.deepcompress.fileformat import FORMAT_VERSION, MAGIC
+from carprune.deepcompress.pipeline import TrainConfig, retrain_pruned
+from carprune.deepcompress.quantize import linear_init
+from carprune.deepcompress.sparse import decode_relative, encode_relative
+
+DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
+SMALL = ["conv1", "layer3.2.conv1", "linear"]
+
+
+# ----------------------------------------------------------------------------- helpers
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """Small CPU models train several times faster on one thread when cores are shared."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def frames(data: bytes) -> list[tuple[str, int, int, int]]:
+    """Independent parser of the documented layout: (name, frame start, payload start, end)."""
+    assert data[:4] == MAGIC and struct.unpack_from("<H", data, 4)[0] == FORMAT_VERSION
+    out, pos = [], 6
+    while pos < len(data):
+        (n,) = struct.unpack_from("<H", data, pos)
+        name = data[pos + 2 : pos + 2 + n].decode()
+        (size,) = struct.unpack_from("<Q", data, pos + 2 + n)
+        start = pos + 2 + n + 8
+        out.append((name, pos, start, start + size + 4))
+        pos = start + size + 4
+    assert pos == len(data)
+    return out
+
+
+def numpy_kmeans(v: np.ndarray, c: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Textbook Lloyd: argmin distance, mean per cluster, empty clusters stay put."""
+    c = c.copy()
+    labels = None
+    for _ in range(1000):
+        new = np.abs(v[:, None] - c[None, :]).argmin(1)
+        if labels is not None and np.array_equal(new, labels):
+            break
+        labels = new
+        for j in range(c.size):
+            if (labels == j).any():
+                c[j] = v[labels == j].mean()
+    return c, labels
+
+
+def huffman_cost(freq: list[int]) -> int:
+    """Optimal total code length by the classic heap construction (independent of bitarray)."""
+    if len(freq) == 1:
+        return freq[0]
+    heap = list(freq)
+    heapq.heapify(heap)
+    cost = 0
+    while len(heap) > 1:
+        a, b = heapq.heappop(heap), heapq.heappop(heap)
+        cost += a + b
+        heapq.heappush(heap, a + b)
+    return cost
+
+
+def canonical_decode_py(table: dc.HuffmanTable, bits: str) -> list[int]:
+    """Canonical Huffman decoding from first principles (code = previous + 1, shifted)."""
+    codes, code, i = {}, 0, 0
+    for length, count in enumerate(table.counts):
+        for _ in range(count):
+            codes[format(code, f"0{length}b")] = table.symbols[i]
+            code, i = code + 1, i + 1
+        code <<= 1
+    out, cur = [], ""
+    for b in bits:
+        cur += b
+        if cur in codes:
+            out.append(codes[cur])
+            cur = ""
+    assert cur == ""
+    return out
+
+
+def shrink_out_channels(model: nn.Module, keep: int) -> nn.Module:
+    """A CAR-like physical shrink of layer1.0.conv1 to its first ``keep`` filters."""
+    blk = model.layer1[0]
+    c1, bn, c2 = blk.conv1, blk.bn1, blk.conv2
+    new1 = nn.Conv2d(c1.in_channels, keep, 3, padding=1, bias=False)
+    new1.weight.data = c1.weight.data[:keep].clone()
+    newbn = nn.BatchNorm2d(keep)
+    for name in ("weight", "bias", "running_mean", "running_var"):
+        getattr(newbn, name).data = getattr(bn, name).data[:keep].clone()
+    new2 = nn.Conv2d(keep, c2.out_channels, 3, padding=1, bias=False)
+    new2.weight.data = c2.weight.data[:, :keep].clone()
+    blk.conv1, blk.bn1, blk.conv2 = new1, newbn, new2
+    return model
+
+
+@pytest.fixture(scope="module")
+def cifar_small(cifar_test):
+    """Two disjoint seeded samples of the CIFAR-10 test set: 256 to train on, 256 to score."""
+    s = cifar_test.sample(512, seed=1)
+    return s.subset(np.arange(256)), s.subset(np.arange(256, 512))
+
+
+@pytest.fixture(scope="module")
+def r20_dc(resnet20):
+    """ResNet-20 compressed without fine-tuning (all layers, the issue's default settings)."""
+    return dc.deep_compress(resnet20, prune={"conv": 0.6, "linear": 0.9})
+
+
+# ----------------------------------------------------------------------------- components
+
+
+def test_kmeans_matches_numpy_reference(resnet20):
+    w = resnet20.layer2[0].conv1.weight.detach().double().numpy().ravel()
+    v = w[np.abs(w) > np.quantile(np.abs(w), 0.6)]
+    init = linear_init(v, 32)
+    assert init[0] == v.min() and init[-1] == v.max()
+    np.testing.assert_allclose(np.diff(init), (v.max() - v.min()) / 31)
+    c, labels = dc.kmeans_1d(v, 32)
+    c_ref, labels_ref = numpy_kmeans(v, init)
+    np.testing.assert_allclose(c, c_ref, rtol=1e-12, atol=1e-15)
+    np.testing.assert_array_equal(labels, labels_ref)
+
+
+def test_huffman_is_optimal_and_decodes_like_a_reference(resnet20):
+    # real symbols: 5-bit cluster indices of the pretrained layer3.0.conv2 weights
+    w = resnet20.layer3[0].conv2.weight.detach().double().numpy().ravel()
+    _, sym = dc.kmeans_1d(w, 32)
+    table, bits = dc.huffman_encode(sym)
+    freq = Counter(sym.tolist())
+    assert len(bits) == huffman_cost(list(freq.values()))
+    assert canonical_decode_py(table, bits.to01()) == sym.tolist()
+    np.testing.assert_array_equal(dc.huffman_decode(table, bits, sym.size), sym)
+    again = dc.HuffmanTable.from_bytes(table.to_bytes(), 33)
+    assert again == table
+    with pytest.raises(ValueError, match="ends early"):
+        dc.huffman_decode(table, bits[:-3], sym.size)
+    with pytest.raises(ValueError, match="more than"):
+        dc.huffman_decode(table, bits, sym.size - 1)
+    one_table, one_bits = dc.huffman_encode(np.full(7, 4))
+    np.testing.assert_array_equal(dc.huffman_decode(one_table, one_bits, 7), np.full(7, 4))
+
+
+def test_relative_indices_insert_filler_zeros():
+    # Han et al. figure 2 style, 3-bit differences (gaps 1..8): a gap of 11 needs one filler
+    diff, sym = encode_relative(np.array([1, 4, 15]), np.array([5, 6, 7]), 3, filler=99)
+    np.testing.assert_array_equal(diff, [1, 2, 7, 2])
+    np.testing.assert_array_equal(sym, [5, 6, 99, 7])
+    pos, lab = decode_relative(diff, sym, 99, 16)
+    np.testing.assert_array_equal(pos, [1, 4, 15])
+    np.testing.assert_array_equal(lab, [5, 6, 7])
+    # a gap of exactly 2**bits needs no filler, a gap of 2**bits + 1 needs one
+    diff, sym = encode_relative(np.array([7, 16]), np.array([0, 1]), 3, filler=9)
+    np.testing.assert_array_equal(diff, [7, 7, 0])
+    np.testing.assert_array_equal(sym, [0, 9, 1])
+    with pytest.raises(ValueError, match="outside"):
+        decode_relative(diff, sym, 9, 16)
+
+
+def test_magnitude_pruning_sparsity_and_quality(resnet20):
+    w = resnet20.layer3[1].conv1.weight.detach()
+    mask = dc.magnitude_mask(w, dc.PruneSpec(sparsity=0.7))
+    assert int((~mask).sum()) == round(0.7 * w.numel())
+    assert w[mask].abs().min() >= w[~mask].abs().max()
+    q = dc.magnitude_mask(w, dc.PruneSpec(quality=0.8))
+    a = w.double().numpy()
+    np.testing.assert_array_equal(q.numpy(), np.abs(a) > 0.8 * a.std())
+
+
+# ----------------------------------------------------------------------------- round trip
+
+
+def test_round_trip_resnet20_is_bit_exact(resnet20, r20_dc, tmp_path):
+    path = tmp_path / "r20.cpz"
+    n = dc.save_compressed(r20_dc, path)
+    assert n == os.path.getsize(path)
+    t = time.perf_counter()
+    loaded = dc.load_compressed(path, cp.models.resnet_cifar(20))
+    assert time.perf_counter() - t < 1.0
+    ref, got = r20_dc.model.state_dict(), loaded.state_dict()
+    assert ref.keys() == got.keys()
+    for k in ref:
+        assert ref[k].dtype == got[k].dtype
+        assert torch.equal(
+            ref[k].reshape(-1).view(torch.uint8), got[k].reshape(-1).view(torch.uint8)
+        ), k
+    # independent check of the quantised values: each surviving weight is the codebook entry
+    # nearest to its original value, each pruned weight is exactly +0.0
+    for name, mask in r20_dc.masks.items():
+        orig = resnet20.get_submodule(name).weight.detach().double()
+        dec = got[f"{name}.weight"]
+        cb = r20_dc.codebooks[name].double()
+        nearest = cb[(orig[mask][:, None] - cb[None, :]).abs().argmin(1)]
+        assert torch.equal(dec[mask].double(), nearest), name
+        assert torch.equal(dec[~mask], torch.zeros_like(dec[~mask]))
+        assert not torch.signbit(dec[~mask]).any()
+        assert int(mask.sum()) == r20_dc.report.layer(name).nonzeros
+    # the rest (BatchNorm, linear bias) is stored as is
+    for k in ref:
+        if "bn" in k or k == "linear.bias":
+            assert torch.equal(got[k], resnet20.state_dict()[k]), k
+
+
+def test_size_accounting_equals_bytes_written(r20_dc, tmp_path):
+    path = tmp_path / "r20.cpz"
+    r20_dc.save(path)
+    data = path.read_bytes()
+    rep = r20_dc.report
+    assert rep.file_bytes == len(data)
+    fr = {name: (f0, p0, end) for name, f0, p0, end in frames(data)}
+    payload = {name: end - 4 - p0 for name, (_, p0, end) in fr.items()}
+    for r in rep.layers:
+        mine = {k: v for k, v in payload.items() if k.startswith(r.name + "/")}
+        assert len(mine) == 5
+        assert r.bytes_after == sum(mine.values())
+        assert payload[f"{r.name}/weights"] == math.ceil(r.weight_bits / 8)
+        assert payload[f"{r.name}/indices"] == math.ceil(r.index_code_bits / 8)
+        assert payload[f"{r.name}/codebook"] * 8 == r.codebook_bits == 32 * 2**r.bits
+        tables = payload[f"{r.name}/weights.huffman"] + payload[f"{r.name}/indices.huffman"]
+        assert r.huffman_table_bits == 8 * tables
+        assert r.bytes_before == 4 * r.params
+        assert r.entries >= r.nonzeros
+    assert payload["rest"] == rep.rest_bytes
+    assert rep.layers_bytes_after + rep.rest_bytes + rep.container_bytes == len(data)
+    assert rep.model_bytes_before == sum(
+        t.numel() * t.element_size() for t in r20_dc.model.state_dict().values()
+    )
+    assert rep.ratio == pytest.approx(rep.model_bytes_before / len(data))
+    # JSON round trip of the report
+    rep.save(tmp_path / "report.json")
+    assert dc.DeepCompressionReport.load(tmp_path / "report.json") == rep
+    assert "layer3.2.conv1" in rep.to_markdown()
+
+
+def test_fillers_round_trip_with_narrow_indices(resnet20, tmp_path):
+    """2-bit differences on a 90 %-sparse layer force many filler zeros."""
+    out = dc.deep_compress(resnet20, layers=["layer3.2.conv1"], prune=0.9, bits=4, index_bits=2)
+    r = out.report.layer("layer3.2.conv1")
+    assert r.fillers > 1000 and r.entries == r.nonzeros + r.fillers
+    assert r.weight_fixed_bits == r.entries * 5  # 16 clusters + the filler symbol
+    dc.save_compressed(out, tmp_path / "f.cpz")
+    loaded = dc.load_compressed(tmp_path / "f.cpz", cp.models.resnet_cifar(20))
+    w = loaded.layer3[2].conv1.weight
+    assert torch.equal(w, out.model.layer3[2].conv1.weight)
+    assert int((w != 0).sum()) == r.nonzeros and w.unique().numel() <= 17
+
+
+# ----------------------------------------------------------------------------- corruption
+
+
+@pytest.fixture(scope="module")
+def small_file(resnet20, tmp_path_factory):
+    out = dc.deep_compress(resnet20, layers=SMALL)
+    path = tmp_path_factory.mktemp("cpz") / "small.cpz"
+    out.save(path)
+    return path.read_bytes()
+
+
+def test_every_altered_section_is_named(small_file, tmp_path):
+    fr = frames(small_file)
+    assert [f[0] for f in fr][:2] == ["header", "conv1/codebook"] and fr[-1][0] == "rest"
+    assert len(fr) == 2 + 5 * len(SMALL)
+    path = tmp_path / "bad.cpz"
+    for name, f0, p0, end in fr:
+        targets = {"name": f0 + 2, "payload": (p0 + end - 4) // 2, "crc": end - 1}
+        for where, at in targets.items():
+            bad = bytearray(small_file)
+            bad[at] ^= 0x10
+            path.write_bytes(bytes(bad))
+            with pytest.raises(dc.CorruptFileError) as e:
+                dc.load_compressed(path, cp.models.resnet_cifar(20))
+            assert e.value.section == name, (name, where, str(e.value))
+            assert repr(name) in str(e.value)
+
+
+def test_truncated_file_is_named(small_file, tmp_path):
+    path = tmp_path / "cut.cpz"
+    fr = frames(small_file)
+    for name, f0, p0, end in fr:
+        for cut in (f0, p0 - 3, (p0 + end) // 2, end - 1):
+            path.write_bytes(small_file[:cut])
+            with pytest.raises(dc.CorruptFileError) as e:
+                dc.read_compressed(path)
+            assert e.value.section == name, (name, cut, str(e.value))
+    path.write_bytes(small_file + b"\0")
+    with pytest.raises(dc.CorruptFileError, match="unexpected bytes"):
+        dc.read_compressed(path)
+    path.write_bytes(b"PK" + small_file[2:])
+    with pytest.raises(dc.CorruptFileError, match="preamble"):
+        dc.read_compressed(path)
+
+
+def test_failed_save_leaves_old_file(r20_dc, tmp_path, monkeypatch):
+    path = tmp_path / "net.cpz"
+    path.write_bytes(b"old")
+
+    def boom(*a, **k):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(os, "replace", boom)
+    with pytest.raises(OSError, match="disk full"):
+        dc.save_compressed(r20_dc, path)
+    assert path.read_bytes() == b"old"
+    assert [p.name for p in tmp_path.iterdir()] == ["net.cpz"]
+
+
+# ----------------------------------------------------------------------------- fine-tuning
+
+
+@pytest.mark.parametrize("optimizer", ["sgd", "adam"])
+def test_retraining_holds_pruned_weights_at_zero(resnet20, cifar_small, optimizer):
+    train, _ = cifar_small
+    m = copy.deepcopy(resnet20)
+    masks = {}
+    for n in SMALL:
+        w = m.get_submodule(n).weight
+        masks[n] = dc.magnitude_mask(w, dc.PruneSpec(sparsity=0.7))
+        with torch.no_grad():
+            w.mul_(masks[n])
+    before = {n: m.get_submodule(n).weight.detach().clone() for n in SMALL}
+    cfg = TrainConfig(lr=0.05, optimizer=optimizer, weight_decay=1e-2, batch_size=32)
+    retrain_pruned(m, masks, train, 3, cfg)
+    for n, mask in masks.items():
+        w = m.get_submodule(n).weight.detach()
+        assert (w[~mask] == 0).all(), n
+        assert (w[mask] != before[n][mask]).float().mean() > 0.5, n  # survivors did train
+    # scope "selected": BatchNorm and unselected layers are untouched
+    assert torch.equal(m.layer1[0].bn1.weight, resnet20.layer1[0].bn1.weight)
+    assert torch.equal(m.layer2[1].conv2.weight, resnet20.layer2[1].conv2.weight)
+
+
+def test_pruned_weights_stay_zero_through_finetuning(resnet20, cifar_small):
+    train, test = cifar_small
+    out = dc.deep_compress(
+        resnet20,
+        train,
+        test,
+        layers=SMALL,
+        prune={"conv": 0.7, "linear": 0.9},
+        bits={"conv": 4, "linear": 3},
+        finetune_iters=(4, 4),
+        lr=0.02,
+        weight_decay=1e-3,
+        batch_size=32,
+    )
+    base = dc.deep_compress(
+        resnet20, layers=SMALL, prune={"conv": 0.7, "linear": 0.9}, bits={"conv": 4, "linear": 3}
+    )
+    for name, mask in out.masks.items():
+        w = out.model.get_submodule(name).weight.detach()
+        assert torch.equal(mask, base.masks[name])
+        assert (w[~mask] == 0).all(), name
+        cb = out.codebooks[name]
+        # every surviving weight is a shared value; fine-tuning moved the shared values
+        assert torch.isin(w[mask], cb).all()
+        assert not torch.equal(cb, base.codebooks[name]), name
+    assert set(out.report.accuracy) == {
+        "original",
+        "pruned",
+        "pruned+retrained",
+        "quantized",
+        "quantized+finetuned",
+    }
+    assert all(0.0 <= a <= 1.0 for a in out.report.accuracy.values())
+    # the untouched layers are bit for bit the originals
+    assert torch.equal(out.model.layer2[1].conv2.weight, resnet20.layer2[1].conv2.weight)
+
+
+def test_one_finetune_step_sums_cluster_gradients(resnet20, cifar_small):
+    train, _ = cifar_small
+    loader = DataLoader(train, batch_size=32, shuffle=False)
+    kw = dict(layers=["layer3.2.conv1", "linear"], prune=0.5, bits={"conv": 4, "linear": 3})
+    before = dc.deep_compress(resnet20, **kw)
+    after = dc.deep_compress(resnet20, loader, finetune_iters=(0, 1), lr=0.5, momentum=0.0, **kw)
+    # reference gradient on the quantised model, computed outside the library
+    m = before.model
+    m.eval()
+    x, y = next(iter(loader))
+    m.zero_grad()
+    F.cross_entropy(m(x), y).backward()
+    for name in ["layer3.2.conv1", "linear"]:
+        w = m.get_submodule(name).weight
+        mask = before.masks[name]
+        cb = before.codebooks[name].double().numpy()
+        labels = np.abs(w.detach()[mask].double().numpy()[:, None] - cb[None, :]).argmin(1)
+        g = np.bincount(labels, weights=w.grad[mask].double().numpy(), minlength=cb.size)
+        np.testing.assert_allclose(
+            after.codebooks[name].numpy(), cb - 0.5 * g, rtol=1e-5, atol=1e-7
+        )
+        assert np.abs(g).max() > 0
+
+
+def test_lenet5_end_to_end(lenet, mnist_test, tmp_path):
+    train = cp.data.mnist5k(DATA / "mnist_5k.npz", "train").sample(512, seed=0)
+    test = mnist_test.sample(300, seed=0)
+    out = dc.deep_compress(lenet, train, test, finetune_iters=(20, 10), lr=0.01)
+    acc = out.report.accuracy
+    assert acc["original"] > 0.9
+    assert acc["quantized+finetuned"] > acc["original"] - 0.05
+    assert out.report.ratio > 10  # 431k float32 parameters in a file of a few dozen KB
+    out.save(tmp_path / "lenet.cpz")
+    loaded = dc.load_compressed(tmp_path / "lenet.cpz", cp.models.lenet5)
+    x, _ = test.batch(np.arange(64))
+    with torch.no_grad():
+        assert torch.equal(loaded(x), out.model(x))
+
+
+# ----------------------------------------------------------------------------- shrunk models
+
+
+def test_single_layer_of_a_shrunk_model(resnet20, tmp_path):
+    shrunk = shrink_out_channels(copy.deepcopy(resnet20), 10)
+    out = dc.deep_compress(shrunk, layers="layer1.0.conv1", bits=6)
+    assert [r.name for r in out.report.layers] == ["layer1.0.conv1"]
+    assert out.report.layers[0].shape == [10, 16, 3, 3]
+    path = tmp_path / "s.cpz"
+    out.save(path)
+    loaded = dc.load_compressed(path, shrink_out_channels(cp.models.resnet_cifar(20), 10))
+    assert torch.equal(loaded.layer1[0].conv1.weight, out.model.layer1[0].conv1.weight)
+    assert torch.equal(loaded.layer1[0].conv2.weight, shrunk.layer1[0].conv2.weight)
+    with pytest.raises(ValueError, match=r"layer1\.0\.conv1\.weight has shape \(16, 16, 3, 3\)"):
+        dc.load_compressed(path, cp.models.resnet_cifar(20))
+    with pytest.raises(ValueError, match="missing in file"):
+        dc.load_compressed(path, cp.models.lenet5())
+
+
+# ----------------------------------------------------------------------------- bad input
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"layers": ["conv9"]}, "unknown layer 'conv9' in layers="),
+        ({"bits": {"layer9.conv1": 4}}, "unknown layer 'layer9.conv1' in bits="),
+        ({"layers": ["conv1"], "bits": {"linear": 4, "layer1.0.conv1": 4}}, "not among the"),
+        ({"bits": 0}, "bits must be in 1..16, got 0"),
+        ({"bits": {"conv": 17}}, "bits must be in 1..16, got 17"),
+        ({"index_bits": {"linear": 0}}, "index_bits.*1..16, got 0"),
+        ({"prune": {"conv": 1.0}}, r"sparsity must be in \[0, 1\), got 1.0"),
+        ({"prune": -0.1}, r"sparsity must be in \[0, 1\)"),
+        ({"prune": {"conv": {"quality": -1}}}, "quality factor"),
+        ({"finetune_iters": 3}, "needs train_data"),
+        ({"finetune_iters": (1, -1)}, "finetune_iters"),
+        ({"optimizer": "lbfgs"}, "optimizer"),
+    ],
+)
+def test_bad_arguments_are_named(resnet20, kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        dc.deep_compress(resnet20, **kwargs)

@@ -1,0 +1,299 @@
+"""score_layer against an independent reference: per filter, a forward hook zeroes the channel
+at the cut and the whole network runs. The cut modules are written out here by hand, not taken
+from carprune.graph."""
+
+from __future__ import annotations
+
+import copy
+
+import numpy as np
+import pytest
+import torch
+
+import carprune as cp
+
+# layer -> the module after which its filters' outputs are consumed
+RESNET_CUTS = {
+    "conv1": "relu",                       # stem: feeds layer1.0.conv1 and the identity shortcut
+    "layer1.0.conv1": "layer1.0.relu1",    # block conv1: feeds conv2 (fused kernel path)
+    "layer1.0.conv2": "layer1.0.bn2",      # block conv2: feeds the residual add
+    "layer2.0.conv1": "layer2.0.relu1",    # stride-2 block with option-A shortcut
+    "layer3.2.conv1": "layer3.2.relu1",
+}
+LENET_CUTS = {"conv1": "pool1", "conv2": "pool2"}
+
+
+def reference_counts(model, cut_module, filters, x, y, num_classes, batch=128):
+    """int64 [len(filters), K]: correct counts per class with each filter's channel zeroed."""
+    module = dict(model.named_modules())[cut_module]
+    counts = torch.zeros(len(filters), num_classes, dtype=torch.int64)
+    for row, f in enumerate(filters):
+        def zero(mod, inp, out, f=f):
+            out = out.clone()
+            out[:, f] = 0
+            return out
+
+        h = module.register_forward_hook(zero)
+        with torch.no_grad():
+            for s in range(0, len(y), batch):
+                pred = model(x[s:s + batch]).argmax(1)
+                ok = pred == y[s:s + batch]
+                counts[row] += torch.bincount(y[s:s + batch][ok], minlength=num_classes)
+        h.remove()
+    return counts
+
+
+def base_counts(model, x, y, k):
+    with torch.no_grad():
+        ok = model(x).argmax(1) == y
+    return torch.bincount(y[ok], minlength=k)
+
+
+# float64 convs run on a slow CPU path: a handful of filters (first, last, a few inside) keeps the
+# reference affordable; every filter goes through the same code.
+@pytest.mark.parametrize("layer, filters", [
+    ("conv1", [0, 1, 9, 15]),
+    ("layer1.0.conv1", [0, 6, 15]),
+    ("layer1.0.conv2", [0, 1, 15]),
+    ("layer2.0.conv1", [0, 13, 31]),
+])
+def test_resnet20_exact_in_float64(resnet20, cifar_test, layer, filters):
+    data = cifar_test.sample(64, seed=11)
+    x, y = data.batch(slice(None))
+    model64 = copy.deepcopy(resnet20).double()
+    ref = reference_counts(model64, RESNET_CUTS[layer], filters, x.double(), y, 10)
+    got = cp.score_layer(resnet20, layer, data, filters=filters, dtype=torch.float64,
+                         progress=False)
+    assert got.filters.tolist() == filters
+    assert torch.equal(got.counts, ref)
+    assert torch.equal(got.base_counts, base_counts(model64, x.double(), y, 10))
+    assert got.class_totals.tolist() == torch.bincount(y, minlength=10).tolist()
+    assert got.num_images == 64 and got.layer == layer and got.classes[0] == "airplane"
+    # the derived indices follow their definitions
+    acc0 = got.base_counts.sum().item() / 64
+    assert torch.allclose(got.car, acc0 - ref.sum(1).double() / 64)
+    totals = torch.bincount(y, minlength=10).double()
+    assert torch.allclose(got.car_c, (got.base_counts - ref).double() / totals)
+
+
+@pytest.mark.parametrize("layer", ["conv1", "conv2"])
+def test_lenet5_exact_in_float64(lenet, mnist_test, layer):
+    x, y = mnist_test.batch(slice(None))
+    model64 = copy.deepcopy(lenet).double()
+    n = dict(lenet.named_modules())[layer].out_channels
+    ref = reference_counts(model64, LENET_CUTS[layer], range(n), x.double(), y, 10, batch=500)
+    got = cp.score_layer(lenet, layer, mnist_test, dtype=torch.float64, progress=False)
+    assert torch.equal(got.counts, ref)
+    assert got.base_accuracy > 0.9  # the project's trained LeNet-5
+
+
+@pytest.mark.parametrize("layer", ["layer2.0.conv1", "layer3.2.conv1"])
+def test_resnet20_float32_close_to_reference(resnet20, cifar_test, layer):
+    data = cifar_test.sample(400, seed=5)
+    x, y = data.batch(slice(None))
+    n = dict(resnet20.named_modules())[layer].out_channels
+    ref = reference_counts(resnet20, RESNET_CUTS[layer], range(n), x, y, 10)
+    got = cp.score_layer(resnet20, layer, data, progress=False)
+    # each differing count needs at least one (filter, image) pair that flipped
+    assert (got.counts - ref).abs().sum().item() <= 0.001 * n * len(y)
+
+
+def test_counts_do_not_depend_on_batching_or_threads(resnet20, cifar_test):
+    data = cifar_test.sample(200, seed=2)
+    first = cp.score_layer(resnet20, "layer2.0.conv1", data, progress=False)
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        one_thread = cp.score_layer(resnet20, "layer2.0.conv1", data, rows=37, progress=False)
+    finally:
+        torch.set_num_threads(threads)
+    # a tiny budget: nothing cached, many chunks, recomputed per pass
+    chunked = cp.score_layer(resnet20, "layer2.0.conv1", data, memory_budget="3MiB",
+                             progress=False)
+    unfused = cp.score_layer(resnet20, "layer2.0.conv1", data, fused=False, rows=200,
+                             progress=False)
+    for other in (one_thread, chunked, unfused):
+        assert torch.equal(first.counts, other.counts)
+        assert torch.equal(first.base_counts, other.base_counts)
+
+
+def test_scorer_memory_plan_follows_budget(resnet20, cifar_test):
+    data = cifar_test.sample(200, seed=0)
+    big = cp.LayerScorer(resnet20, "layer1.0.conv1", data, progress=False)
+    small = cp.LayerScorer(resnet20, "layer1.0.conv1", data, memory_budget="4MiB", progress=False)
+    assert big.cache_all and big.chunk_images == 200
+    assert not small.cache_all and small.chunk_images < 200
+
+
+def test_removed_filters_match_reference(resnet20, cifar_test):
+    """Scores on a reduced structure: removed filters stay zero, the rest are ablated on top."""
+    data = cifar_test.sample(120, seed=4)
+    x, y = data.batch(slice(None))
+    removed = [3, 17, 40]
+    model64 = copy.deepcopy(resnet20).double()
+    cut = dict(model64.named_modules())["layer3.2.relu1"]
+
+    def zero_removed(mod, inp, out):
+        out = out.clone()
+        out[:, removed] = 0
+        return out
+
+    probe = [0, 18, 63]
+    h = cut.register_forward_hook(zero_removed)
+    ref = reference_counts(model64, "layer3.2.relu1", probe, x.double(), y, 10)
+    base = base_counts(model64, x.double(), y, 10)
+    h.remove()
+    scorer = cp.LayerScorer(resnet20, "layer3.2.conv1", data, dtype=torch.float64,
+                            progress=False)
+    scorer.score()  # caches, so the removal below updates the cache incrementally
+    scorer.remove(removed[:1])
+    scorer.remove(removed[1:])
+    alive = [f for f in range(64) if f not in removed]
+    assert scorer.alive == alive
+    got = scorer.score(probe)
+    assert got.filters.tolist() == probe and got.removed == removed
+    assert torch.equal(got.counts, ref)
+    assert torch.equal(got.base_counts, base)
+    with pytest.raises(ValueError, match="already removed"):
+        scorer.remove([17])
+
+
+def test_num_images_takes_a_seeded_random_subset(resnet20, cifar_test):
+    a = cp.score_layer(resnet20, "layer3.2.conv1", cifar_test, num_images=100, seed=7,
+                       filters=[0, 1], progress=False)
+    b = cp.score_layer(resnet20, "layer3.2.conv1", cifar_test, num_images=100, seed=7,
+                       filters=[0, 1], progress=False)
+    assert torch.equal(a.counts, b.counts)
+    # the archive is ordered by class: a prefix would be all airplanes
+    assert (a.class_totals > 0).sum() == 10
+
+
+def test_scores_save_load_roundtrip(tmp_path, resnet20, cifar_test):
+    s = cp.score_layer(resnet20, "layer3.2.conv1", cifar_test.sample(50), filters=[5, 2, 9],
+                       progress=False)
+    p = s.save(tmp_path / "s.npz")
+    t = cp.LayerScores.load(p)
+    assert torch.equal(t.counts, s.counts) and torch.equal(t.filters, s.filters)
+    assert t.classes == s.classes and t.layer == s.layer and t.topk == 1
+    assert torch.equal(t.car, s.car)
+    assert [p.name for p in tmp_path.iterdir()] == ["s.npz"]  # no temporary left behind
+    (tmp_path / "bad.npz").write_bytes(p.read_bytes()[:100])
+    with pytest.raises(ValueError, match="not a readable LayerScores file"):
+        cp.LayerScores.load(tmp_path / "bad.npz")
+    with pytest.raises(FileNotFoundError):
+        cp.LayerScores.load(tmp_path / "missing.npz")
+
+
+def test_bad_input_errors(resnet20, cifar_test):
+    data = cifar_test.sample(20)
+    with pytest.raises(cp.CutError, match="unknown layer 'layer9.conv1'.*layer1.0.conv1"):
+        cp.score_layer(resnet20, "layer9.conv1", data)
+    with pytest.raises(cp.CutError, match="'linear' is a Linear, not a Conv2d"):
+        cp.score_layer(resnet20, "linear", data)
+    x, y = data.batch(slice(None))
+    with pytest.raises(ValueError, match=r"labels must lie in \[0, 10\).*got \[.*, 12\]"):
+        cp.score_layer(resnet20, "layer3.2.conv1", (x, y.clone().fill_(12)))
+    with pytest.raises(ValueError, match="dataset is empty"):
+        cp.score_layer(resnet20, "layer3.2.conv1", (x[:0], y[:0]))
+    with pytest.raises(ValueError, match=r"images of shape \(1, 32, 32\) do not fit"):
+        cp.score_layer(resnet20, "layer3.2.conv1", (x[:, :1], y))
+    with pytest.raises(ValueError, match="filters \\[64\\] are out of range"):
+        cp.score_layer(resnet20, "layer3.2.conv1", data, filters=[64])
+    with pytest.raises(ValueError, match="memory size"):
+        cp.score_layer(resnet20, "layer3.2.conv1", data, memory_budget="lots")
+
+
+def test_layer_without_valid_cut():
+    class Head(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv = torch.nn.Conv2d(3, 10, 3)
+            self.pool = torch.nn.AdaptiveAvgPool2d(1)
+
+        def forward(self, x):
+            return self.pool(self.conv(x)).flatten(1)
+
+    # conv -> pool -> flatten: flatten is not channel-wise, so the cut is valid here ...
+    d = (torch.randn(4, 3, 8, 8), torch.zeros(4, dtype=torch.int64))
+    assert cp.score_layer(Head(), "conv", d, progress=False).counts.shape == (10, 10)
+
+    class Out(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv = torch.nn.Conv2d(3, 10, 3)
+
+        def forward(self, x):
+            return torch.relu(self.conv(x))
+
+    # ... but a conv whose channels are the network output has none
+    with pytest.raises(cp.CutError, match="no valid cut"):
+        cp.score_layer(Out(), "conv", d)
+
+    class Branchy(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv = torch.nn.Conv2d(3, 4, 3)
+            self.fc = torch.nn.Linear(4, 2)
+
+        def forward(self, x):
+            h = self.conv(x)
+            if h.sum() > 0:
+                h = -h
+            return self.fc(h.mean((2, 3)))
+
+    with pytest.raises(cp.CutError, match="cannot be traced"):
+        cp.score_layer(Branchy(), "conv", d)
+
+
+def test_checkpoint_and_data_errors(tmp_path):
+    from conftest import CIFAR, MNIST, RESNET20
+
+    state = torch.load(RESNET20, map_location="cpu", weights_only=True)["state_dict"]
+    state["module.extra.weight"] = torch.zeros(1)
+    del state["module.linear.bias"]
+    torch.save({"state_dict": state}, tmp_path / "bad.th")
+    with pytest.raises(ValueError, match="missing from the file: linear.bias.*not in the model: "
+                                         "extra.weight"):
+        cp.models.load_checkpoint(cp.models.resnet_cifar(20), tmp_path / "bad.th")
+    with pytest.raises(ValueError, match="shape mismatch: conv1.weight"):
+        cp.models.load_checkpoint(_wider_stem(), RESNET20)
+    (tmp_path / "junk.th").write_bytes(b"not a checkpoint")
+    with pytest.raises(ValueError, match="not a readable torch file"):
+        cp.models.load_checkpoint(cp.models.resnet_cifar(20), tmp_path / "junk.th")
+    with pytest.raises(FileNotFoundError, match="CIFAR-10 archive not found"):
+        cp.data.cifar10(tmp_path / "none.tar.gz")
+    (tmp_path / "trunc.tar.gz").write_bytes(CIFAR.read_bytes()[:200_000])
+    with pytest.raises(ValueError, match="truncated or corrupt"):
+        cp.data.cifar10(tmp_path / "trunc.tar.gz", "test")
+    (tmp_path / "m.npz").write_bytes(MNIST.read_bytes()[:1000])
+    with pytest.raises(ValueError, match="not a valid MNIST"):
+        cp.data.mnist5k(tmp_path / "m.npz")
+    with pytest.raises(ValueError, match="split must be"):
+        cp.data.cifar10(CIFAR, "val")
+    with pytest.raises(ValueError, match="depth must be 6n\\+2"):
+        cp.models.resnet_cifar(21)
+
+
+def _wider_stem():
+    m = cp.models.resnet_cifar(20)
+    m.conv1 = torch.nn.Conv2d(3, 16, 5, padding=2, bias=False)
+    return m
+
+
+def test_pretrained_accuracy_and_splits(resnet20, cifar_test, mnist_test):
+    data = cifar_test.sample(1000, seed=0)
+    x, y = data.batch(slice(None))
+    with torch.no_grad():
+        acc = (resnet20(x).argmax(1) == y).double().mean().item()
+    assert 0.77 < acc < 0.85  # 81.0 % on the whole JPEG test set (shared/data/README)
+    train = cp.data.mnist5k(cp_mnist_path(), "train")
+    assert len(train) == 4000 and len(mnist_test) == 1000
+    assert np.bincount(mnist_test.labels).tolist() == [100] * 10
+    a, b = data.split(0.5, seed=1)
+    assert len(a) == len(b) == 500
+
+
+def cp_mnist_path():
+    from conftest import MNIST
+
+    return MNIST
