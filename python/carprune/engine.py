@@ -23,6 +23,7 @@ import torch.nn.functional as F
 from torch import fx, nn
 
 from . import _ops, graph
+from .fold import fold_conv_bn
 from .data.batches import DataLike, class_names, load_batch, num_items, pick_indices
 from .scores import LayerScores
 
@@ -129,6 +130,10 @@ class LayerScorer:
         self.cut = graph.find_cut(gm, layer)
         self.split = graph.split_at(gm, self.cut, fuse=fused)
         self.fused = self.split.fused
+        # BatchNorm folded into convs inside the private prefix/tail graphs (never the cut's
+        # own chain: the prefix ends at the cut, so its BN-then-ReLU is folded exactly too)
+        fold_conv_bn(self.split.prefix)
+        fold_conv_bn(self.split.tail)
         self.num_filters = self.cut.num_filters
         self.removed: list[int] = []
         self.data = data
