@@ -28,7 +28,8 @@ def cifar_test() -> cp.data.ImageArrayDataset:
 
 def naive_counts(model: nn.Module, cut_module: str, filters, x: torch.Tensor, y: torch.Tensor,
                  batch: int, k: int = 10) -> torch.Tensor:
-    """The naive CAR pass: per filter, a hook zeroes its channel and the full network runs."""
+    """The naive CAR pass: per filter, a hook zeroes its channel and the full network runs
+    (filter None: no channel zeroed, the base accuracy)."""
     module = dict(model.named_modules())[cut_module]
     counts = torch.zeros(len(filters), k, dtype=torch.int64)
     with torch.no_grad():
@@ -38,11 +39,12 @@ def naive_counts(model: nn.Module, cut_module: str, filters, x: torch.Tensor, y:
                 out[:, f] = 0
                 return out
 
-            h = module.register_forward_hook(zero)
+            h = module.register_forward_hook(zero) if f is not None else None
             for s in range(0, len(y), batch):
                 ok = model(x[s:s + batch]).argmax(1) == y[s:s + batch]
                 counts[row] += torch.bincount(y[s:s + batch][ok], minlength=k)
-            h.remove()
+            if h is not None:
+                h.remove()
     return counts
 
 

@@ -4,5 +4,6 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 source scripts/env.sh
 set -euo pipefail
-ruff check python tests benchmarks scripts
+bash scripts/ensure_chromium.sh   # the report test renders the HTML page in headless Chromium
+ruff check python tests benchmarks scripts examples
 python -m pytest tests -q "$@"

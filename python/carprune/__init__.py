@@ -1,23 +1,84 @@
-"""carprune: structural compression and interpretation of CNNs by CAR importance."""
+"""carprune: structural compression and interpretation of CNNs by CAR importance.
+
+Score every filter of a conv layer (`score_layer`), compress greedily (`compress_layer`,
+`compress_layers`, `compress_global`), cut networks physically (`prune_filters`), add Deep
+Compression (`deep_compress`) and explain filters (`interpret`).
+"""
 
 import torch  # noqa: F401  (loads libtorch before the extension)
 
-from . import _ops, data, models  # noqa: F401  (_ops registers the native ops)
+from . import _ops, data, io, models  # noqa: F401  (_ops registers the native ops)
 from ._ops import ablate_conv, class_correct_counts
+from .cost import CostReport, LayerCost, count_cost
+from .criteria import filter_importance
+from .deepcompress import (
+    CorruptFileError,
+    DeepCompressionReport,
+    DeepCompressionResult,
+    LayerReport,
+    deep_compress,
+    load_compressed,
+    read_compressed,
+    save_compressed,
+)
 from .engine import LayerScorer, score_layer
+from .finetune import FineTune, finetune
+from .global_mode import GlobalCompressionResult, compress_global, compress_layers
 from .graph import CutError, conv_layers
+from .greedy import CompressionResult, Step, compress_layer
+from .interpret import InterpretationReport, build_report, interpret
 from .scores import LayerScores
+from .surgery import (
+    ScatteredConv2d,
+    channel_origins,
+    copy_model,
+    kept_channels,
+    load_pruned,
+    prune_filters,
+    save_pruned,
+)
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "CompressionResult",
+    "CorruptFileError",
+    "CostReport",
     "CutError",
+    "DeepCompressionReport",
+    "DeepCompressionResult",
+    "FineTune",
+    "GlobalCompressionResult",
+    "InterpretationReport",
+    "LayerCost",
+    "LayerReport",
     "LayerScorer",
     "LayerScores",
+    "ScatteredConv2d",
+    "Step",
     "ablate_conv",
+    "build_report",
+    "channel_origins",
     "class_correct_counts",
+    "compress_global",
+    "compress_layer",
+    "compress_layers",
     "conv_layers",
+    "copy_model",
+    "count_cost",
     "data",
+    "deep_compress",
+    "filter_importance",
+    "finetune",
+    "interpret",
+    "io",
+    "kept_channels",
+    "load_compressed",
+    "load_pruned",
     "models",
+    "prune_filters",
+    "read_compressed",
+    "save_compressed",
+    "save_pruned",
     "score_layer",
 ]

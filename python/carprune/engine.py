@@ -23,8 +23,8 @@ import torch.nn.functional as F
 from torch import fx, nn
 
 from . import _ops, graph
-from .fold import fold_conv_bn
 from .data.batches import DataLike, class_names, load_batch, num_items, pick_indices
+from .fold import fold_conv_bn
 from .scores import LayerScores
 
 DEFAULT_MEMORY_BUDGET = 2 * 2**30
@@ -145,6 +145,7 @@ class LayerScorer:
             self._scale, self._shift = self.fused.scale_shift(dtype, self.device)
         self._plan(rows)
         self._chunks: list[_Chunk] | None = None
+        self._base: tuple[torch.Tensor, torch.Tensor] | None = None  # (base, totals) for `removed`
 
     # -- planning ----------------------------------------------------------------------------
     def _images(self, idx: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
@@ -308,18 +309,25 @@ class LayerScorer:
         m = max(1, min(n, self.rows // b)) if n else 1
         calls = sum(-(-min(self.chunk_images, n_img - s) // b)
                     for s in range(0, n_img, self.chunk_images)) * -(-n // m)
+        need_base = self._base is None
+        if not need_base and n == 0:
+            calls = 0
         bar = _progress(calls, f"CAR {self.layer}", self.progress)
         with torch.no_grad():
-            for ch in self._iter_chunks():
+            for ch in self._iter_chunks() if (n or need_base) else ():
                 bsz = ch.labels.shape[0]
                 totals += torch.bincount(ch.labels.cpu(), minlength=k)
                 for b0 in range(0, bsz, b):
                     b1 = min(bsz, b0 + b)
-                    base += self._correct(ch, b0, b1, None)[0].cpu()
+                    if need_base:
+                        base += self._correct(ch, b0, b1, None)[0].cpu()
                     for j0 in range(0, n, m):
                         counts[j0:j0 + m] += self._correct(ch, b0, b1, chan[j0:j0 + m]).cpu()
                         bar.update(1)
         bar.close()
+        if need_base:
+            self._base = (base, totals)
+        base, totals = self._base
         return LayerScores(layer=self.layer, filters=torch.tensor(filt, dtype=torch.int64),
                            counts=counts, base_counts=base, class_totals=totals,
                            classes=self.classes, topk=self.topk, removed=list(self.removed))
@@ -328,6 +336,7 @@ class LayerScorer:
         """Remove filters for all later scoring: their channels are zeroed at the cut and their
         contribution is subtracted from the consumer's cached pre-activation."""
         filt = self._check_filters(filters)
+        self._base = None
         if self._chunks is not None:
             with torch.no_grad():
                 for ch in self._chunks:

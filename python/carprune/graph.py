@@ -37,6 +37,16 @@ class CutError(ValueError):
     """The layer cannot be scored or pruned; the message says why."""
 
 
+class _Tracer(fx.Tracer):
+    """The default tracer, except that carprune's own modules marked `carprune_leaf` (e.g. the
+    pruned `surgery.ScatteredConv2d`) stay single call_module nodes, so a pruned layer is still
+    found by name."""
+
+    def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
+        return bool(getattr(type(m), "carprune_leaf", False)) or super().is_leaf_module(
+            m, module_qualified_name)
+
+
 def trace(model: nn.Module) -> fx.GraphModule:
     """A traced copy of `model` in eval mode, with in-place operations made out-of-place (the
     tail runs many times on cached tensors, which an in-place op would corrupt)."""
@@ -45,7 +55,9 @@ def trace(model: nn.Module) -> fx.GraphModule:
         if hasattr(m, "inplace") and isinstance(m.inplace, bool):
             m.inplace = False
     try:
-        gm = fx.symbolic_trace(model)
+        tracer = _Tracer()
+        g = tracer.trace(model)
+        gm = fx.GraphModule(tracer.root, g, type(model).__name__)
     except Exception as exc:
         raise CutError(
             f"{type(model).__name__} cannot be traced with torch.fx ({type(exc).__name__}: {exc}). "

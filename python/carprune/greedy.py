@@ -198,7 +198,6 @@ def compress_layer(
         scorer = scorer_wrapper(scorer)
     n = scorer.num_filters
     target = _target_kept(n, keep if max_drop is None or keep is not None else None)
-    x0 = scorer.data if False else None  # noqa: F841
     input_shape = tuple(_input_shape(score_data))
     config = {"layer": layer, "criterion": criterion, "keep": keep, "max_drop": max_drop,
               "filters_per_step": filters_per_step, "score_images": len(scorer.indices),
@@ -234,11 +233,11 @@ def compress_layer(
     if show:
         from tqdm.auto import tqdm
 
-        bar = tqdm(total=n - target, initial=n - scorer_alive(scorer), desc=f"compress {layer}",
+        bar = tqdm(total=n - target, initial=n - scorer.alive, desc=f"compress {layer}",
                    unit="filter")
     try:
         while True:
-            alive = scorer_alive(scorer)
+            alive = scorer.alive
             last = trajectory[-1]
             if len(alive) <= target:
                 break
@@ -282,10 +281,6 @@ def compress_layer(
     if finetune is not None:
         _finetune_and_evaluate(result, finetune, eval_data, eval_images, seed, show)
     return result
-
-
-def scorer_alive(scorer) -> list[int]:
-    return scorer.alive
 
 
 def _input_shape(data: DataLike) -> tuple[int, ...]:

@@ -1,6 +1,6 @@
 // CUDA dispatch of the carprune ops: argument checks (shared with CPU), then the raw-pointer
 // launchers on the current stream.
-#include <ATen/cuda/CUDAContext.h>
+#include <c10/cuda/CUDAStream.h>  // not ATen/cuda/CUDAContext.h: it needs cuSPARSE headers
 #include <c10/cuda/CUDAGuard.h>
 #include <torch/library.h>
 #include "ops/common/checks.h"
@@ -32,7 +32,7 @@ at::Tensor ablate_conv_cuda(const at::Tensor& a_in, const at::Tensor& weight_in,
                 "), got [", lo, ", ", hi, "]");
   }
   auto out = at::empty({m, B, F, g.Ho, g.Wo}, a.options());
-  const auto stream = at::cuda::getCurrentCUDAStream();
+  const auto stream = c10::cuda::getCurrentCUDAStream().stream();
   AT_DISPATCH_FLOATING_TYPES(a.scalar_type(), "carprune_ablate_conv_cuda", [&] {
     check_launch(cuda::launch_ablate_conv<scalar_t>(
                      a.data_ptr<scalar_t>(), weight.data_ptr<scalar_t>(), z.data_ptr<scalar_t>(),
@@ -59,7 +59,7 @@ at::Tensor class_correct_counts_cuda(const at::Tensor& logits_in, const at::Tens
                 ") for ", K, " classes, got labels in [", lo, ", ", hi, "]");
   }
   auto counts = at::zeros({m, K}, labels.options());
-  const auto stream = at::cuda::getCurrentCUDAStream();
+  const auto stream = c10::cuda::getCurrentCUDAStream().stream();
   AT_DISPATCH_FLOATING_TYPES(logits.scalar_type(), "carprune_class_correct_counts_cuda", [&] {
     check_launch(cuda::launch_class_correct_counts<scalar_t>(
                      logits.data_ptr<scalar_t>(), labels.data_ptr<int64_t>(),

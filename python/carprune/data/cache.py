@@ -13,10 +13,8 @@ import numpy as np
 def cache_dir() -> Path:
     """``$CARPRUNE_CACHE``, else ``$XDG_CACHE_HOME/carprune``, else ``~/.cache/carprune``."""
     root = os.environ.get("CARPRUNE_CACHE")
-    if root:
-        path = Path(root)
-    else:
-        path = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "carprune"
+    xdg = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache"))
+    path = Path(root) if root else xdg / "carprune"
     path.mkdir(parents=True, exist_ok=True)
     return path
 

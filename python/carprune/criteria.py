@@ -1,0 +1,164 @@
+"""Data-free filter importance criteria: the baselines CAR is compared with.
+
+Each returns one score per filter of a conv layer (higher = more important; greedy compression
+removes the lowest first):
+
+* ``random``: seeded uniform scores in [0, 1) (a control).
+* ``mean_in``: mean |w| over the filter's incoming weights W[i] (He et al. 2014, node pruning).
+* ``mean_out``: mean |w| over every weight that reads channel i downstream (He et al. 2014):
+  W_next[:, i] of each consuming conv and the column block of channel i in a linear layer after a
+  flatten (block = in_features // channels). Consumers are found by following the output through
+  operations that keep the channel index (channel-wise ops, element-wise add/sub/mul such as a
+  residual add, identity shortcuts); paths through anything else (e.g. a padding shortcut) are
+  not followed.
+* ``l1``: sum |w| over W[i] (Li et al. 2016, "Pruning filters for efficient ConvNets").
+* ``kse``: the kernel sparsity and entropy indicator (Li et al., CVPR 2019), see `kse_scores`.
+"""
+
+from __future__ import annotations
+
+import math
+import operator
+from dataclasses import dataclass
+
+import torch
+from torch import fx, nn
+
+from . import graph
+from .surgery import ScatteredConv2d, _is_flatten, linears_after_flatten
+
+CRITERIA = ("random", "mean_in", "mean_out", "l1", "kse")
+KSE_NEIGHBOURS = 5
+KSE_ALPHA = 1.0
+
+_ELEMENTWISE_BINARY = {operator.add, operator.sub, operator.mul, torch.add, torch.sub, torch.mul}
+_ELEMENTWISE_METHODS = {"add", "sub", "mul"}
+
+
+@dataclass
+class Outgoing:
+    """The weights through which channel i of a layer's output is read: `kernels[i]` holds one
+    row per kernel (a conv's W_next[o, i] flattened, or a linear row's column block of i)."""
+
+    consumer: str
+    kind: str                  # "conv" or "linear"
+    kernels: torch.Tensor      # [channels, kernels per channel, kernel size]
+
+
+def _conv_weight(model: nn.Module, layer: str) -> nn.Conv2d:
+    gm = graph.trace(model)
+    cut = graph.find_cut(gm, layer)
+    if isinstance(cut.conv, ScatteredConv2d):
+        raise ValueError(f"layer {layer!r} is already pruned by scattering; score its filters on the "
+                         "original model")
+    return cut.conv
+
+
+def outgoing_weights(model: nn.Module, layer: str) -> list[Outgoing]:
+    """Every conv/linear weight block that reads `layer`'s output channels (see module docstring)."""
+    gm = graph.trace(model)
+    cut = graph.find_cut(gm, layer)
+    channels = cut.conv.out_channels
+    found: list[Outgoing] = []
+    seen: set[fx.Node] = set()
+    stack: list[tuple[fx.Node, fx.Node]] = [(u, cut.node) for u in cut.node.users]
+    while stack:
+        node, src = stack.pop()
+        if node in seen:
+            continue
+        seen.add(node)
+        if node.op == "call_module" and node.args == (src,) and not node.kwargs:
+            m = gm.get_submodule(node.target)
+            if isinstance(m, nn.Conv2d) and m.groups == 1:
+                w = m.weight.detach()
+                found.append(Outgoing(str(node.target), "conv",
+                                      w.permute(1, 0, 2, 3).reshape(channels, w.shape[0], -1)))
+                continue
+        if _is_flatten(gm, node, src):
+            for name in linears_after_flatten(gm, node) or []:
+                w = gm.get_submodule(name).weight.detach()
+                if w.shape[1] % channels:
+                    raise graph.CutError(f"linear layer {name!r} has {w.shape[1]} inputs, not a "
+                                         f"multiple of the {channels} channels of {layer!r}")
+                block = w.shape[1] // channels
+                found.append(Outgoing(name, "linear",
+                                      w.reshape(w.shape[0], channels, block).permute(1, 0, 2)))
+            continue
+        passes = graph._is_channelwise(gm, node, src)
+        if not passes and (node.target in _ELEMENTWISE_BINARY if node.op == "call_function" else
+                           node.op == "call_method" and node.target in _ELEMENTWISE_METHODS):
+            passes = len(node.args) == 2 and not node.kwargs
+        if passes:
+            stack.extend((u, node) for u in node.users)
+    if not found:
+        raise graph.CutError(f"no conv or linear layer reads the output of {layer!r} through "
+                             "channel-preserving operations, so it has no outgoing weights to score")
+    found.sort(key=lambda o: o.consumer)
+    return found
+
+
+def _minmax(x: torch.Tensor) -> torch.Tensor:
+    lo, hi = x.min(), x.max()
+    return (x - lo) / (hi - lo) if hi > lo else torch.zeros_like(x)
+
+
+def kernel_entropy(kernels: torch.Tensor, neighbours: int = KSE_NEIGHBOURS) -> torch.Tensor:
+    """KSE's kernel entropy per channel from `kernels` [channels, N, d] (float64 result).
+
+    For each of the N kernels of a channel, the density metric dm_j is the sum of the Euclidean
+    distances to its k = min(neighbours, N - 1) nearest other kernels; with p_j = dm_j / sum dm,
+    e = -sum_j p_j log2 p_j (0 log 0 = 0; e = 0 when every dm is 0 or N = 1)."""
+    c, n, _ = kernels.shape
+    k = min(neighbours, n - 1)
+    if k <= 0:
+        return torch.zeros(c, dtype=torch.float64)
+    x = kernels.to(torch.float64)
+    dist = torch.cdist(x, x)                                         # [c, n, n]
+    dist = dist + torch.diag_embed(torch.full((c, n), math.inf, dtype=torch.float64))
+    dm = dist.topk(k, dim=2, largest=False).values.sum(2)            # [c, n]
+    total = dm.sum(1, keepdim=True)
+    p = torch.where(total > 0, dm / total.clamp_min(1e-300), torch.zeros_like(dm))
+    return -(torch.where(p > 0, p * torch.log2(p.clamp_min(1e-300)), torch.zeros_like(p))).sum(1)
+
+
+def kse_scores(outgoing: list[Outgoing], alpha: float = KSE_ALPHA,
+               neighbours: int = KSE_NEIGHBOURS) -> torch.Tensor:
+    """The KSE indicator per channel (Li et al., CVPR 2019, Eq. for v_c), float64.
+
+    For channel c, its kernels are the consumer's 2-D kernels W_next[:, c] (a linear consumer:
+    the column block of c in each output row). Sparsity s_c = sum |W_next[:, c]|; entropy e_c
+    from `kernel_entropy`. With several consumers, s_c and e_c are summed over them. Both are
+    min-max normalised over the channels (all-equal values give 0), then
+    v_c = sqrt(s_c / (1 + alpha e_c)).
+    """
+    s = sum(o.kernels.to(torch.float64).abs().sum((1, 2)) for o in outgoing)
+    e = sum(kernel_entropy(o.kernels, neighbours) for o in outgoing)
+    return torch.sqrt(_minmax(s) / (1 + alpha * _minmax(e)))
+
+
+def filter_importance(model: nn.Module, layer: str, criterion: str, seed: int = 0) -> torch.Tensor:
+    """Importance of each filter of conv `layer` under a data-free `criterion` (one of
+    `CRITERIA`), float64 [n_filters]; higher = more important, so greedy removal takes the lowest.
+
+    random: seeded U[0, 1); mean_in: mean |W[i]|; l1: sum |W[i]|; mean_out: mean |w| over the
+    outgoing weights of channel i (`outgoing_weights`); kse: sqrt(s / (1 + e)) with min-max
+    normalised kernel sparsity s and kNN (k = 5) kernel entropy e of the consumers' kernels of
+    channel i (`kse_scores`). Only the weights are read; the model is not changed."""
+    if criterion not in CRITERIA:
+        raise ValueError(f"unknown criterion {criterion!r}; choose from {', '.join(CRITERIA)}")
+    conv = _conv_weight(model, layer)
+    n = conv.out_channels
+    w = conv.weight.detach().to(torch.float64).cpu()
+    if criterion == "random":
+        gen = torch.Generator().manual_seed(int(seed))
+        return torch.rand(n, generator=gen, dtype=torch.float64)
+    if criterion == "mean_in":
+        return w.abs().reshape(n, -1).mean(1)
+    if criterion == "l1":
+        return w.abs().reshape(n, -1).sum(1)
+    out = outgoing_weights(model, layer)
+    if criterion == "mean_out":
+        total = sum(o.kernels.to(torch.float64).abs().sum((1, 2)).cpu() for o in out)
+        count = sum(o.kernels.shape[1] * o.kernels.shape[2] for o in out)
+        return total / count
+    return kse_scores([Outgoing(o.consumer, o.kind, o.kernels.cpu()) for o in out])

@@ -1,0 +1,161 @@
+"""Class-based interpretation (CAR paper Section 3.3, Figures 8 and 9).
+
+For each filter, the classes whose accuracy drops most when it is removed (highest CAR_c) and
+least (lowest CAR_c) name what the filter is for. And per class, the accuracy of the compressed
+network against the original shows which categories a compression costs.
+"""
+
+from __future__ import annotations
+
+import sys
+from dataclasses import asdict, dataclass
+
+import numpy as np
+import torch
+from torch import nn
+
+from ..data.batches import DataLike, load_batch, num_items, pick_indices
+from ..engine import parse_bytes
+from ..scores import LayerScores
+from .patches import batch_rows
+
+
+@dataclass
+class ClassScore:
+    index: int
+    name: str
+    car_c: float               # class accuracy lost without the filter (fraction)
+    sample: int | None = None  # dataset index of a sample image of the class
+
+
+@dataclass
+class ClassImportance:
+    """The top and bottom classes of one filter by CAR_c (highest first / lowest first)."""
+
+    filter: int
+    car: float
+    top: list[ClassScore]
+    bottom: list[ClassScore]
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> ClassImportance:
+        return cls(filter=d["filter"], car=d["car"], top=[ClassScore(**c) for c in d["top"]],
+                   bottom=[ClassScore(**c) for c in d["bottom"]])
+
+
+def class_importance(scores: LayerScores, top: int = 5, samples: dict[int, int] | None = None
+                     ) -> list[ClassImportance]:
+    """Per scored filter (in `scores.filters` order) the `top` classes of highest and of lowest
+    CAR_c; ties go to the lower class index. `samples` maps class -> a sample image index."""
+    if top < 1:
+        raise ValueError(f"top must be >= 1, got {top}")
+    samples = samples or {}
+    car_c = scores.car_c.numpy()
+    car = scores.car.numpy()
+    k = min(top, scores.num_classes)
+    out = []
+    for i, f in enumerate(scores.filters.tolist()):
+        row = car_c[i]
+        cls_idx = np.arange(len(row))
+        hi = np.lexsort((cls_idx, -row))[:k]
+        lo = np.lexsort((cls_idx, row))[:k]
+
+        def pick(cs: np.ndarray, row: np.ndarray = row) -> list[ClassScore]:
+            return [ClassScore(int(c), scores.classes[c], float(row[c]), samples.get(int(c)))
+                    for c in cs]
+
+        out.append(ClassImportance(filter=int(f), car=float(car[i]), top=pick(hi), bottom=pick(lo)))
+    return out
+
+
+@dataclass
+class ClassAccuracy:
+    """Per-class top-1 accuracy of the original and the compressed network (Figure 8)."""
+
+    classes: list[str]
+    counts: list[int]
+    original: list[float | None]   # None: no image of the class
+    compressed: list[float | None]
+    within: float               # tolerance, a fraction (0.03 = 3 points)
+    share_within: float         # classes with compressed >= original - within
+    original_overall: float
+    compressed_overall: float
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> ClassAccuracy:
+        return cls(**d)
+
+
+def _rows(model: nn.Module, x0: torch.Tensor, budget: int) -> int:
+    """Images per batch so that the largest activations of a batch stay within `budget`."""
+    sizes: list[int] = []
+    hooks = [m.register_forward_hook(lambda m, i, o: sizes.append(
+        o[0].numel() * o.element_size() if isinstance(o, torch.Tensor) and o.dim() else 0))
+        for m in model.modules() if not list(m.children())]
+    try:
+        with torch.no_grad():
+            model(x0)
+    finally:
+        for h in hooks:
+            h.remove()
+    per_image = sum(sizes) + x0[0].numel() * x0.element_size()
+    return batch_rows(per_image, budget, 4096)
+
+
+def per_class_correct(model: nn.Module, data: DataLike, indices: np.ndarray, num_classes: int,
+                      memory_budget: int | str | None = None, progress: bool | None = None
+                      ) -> tuple[np.ndarray, np.ndarray]:
+    """(correct [K], totals [K]) of top-1 predictions of `model` over data[indices]."""
+    from tqdm.auto import tqdm
+
+    model = model.eval()
+    params = list(model.parameters())
+    dev = params[0].device if params else torch.device("cpu")
+    x0, _ = load_batch(data, indices[:1])
+    rows = _rows(model, x0.to(dev, torch.float32), parse_bytes(memory_budget))
+    correct = np.zeros(num_classes, dtype=np.int64)
+    totals = np.zeros(num_classes, dtype=np.int64)
+    show = sys.stderr.isatty() if progress is None else progress
+    with torch.no_grad(), tqdm(total=len(indices), desc="class accuracy", unit="img", leave=False,
+                               disable=not show) as bar:
+        for s in range(0, len(indices), rows):
+            x, y = load_batch(data, indices[s:s + rows])
+            logits = model(x.to(dev, torch.float32))
+            if logits.dim() != 2 or logits.shape[1] != num_classes:
+                raise ValueError(f"the model must return logits [batch, {num_classes}], got "
+                                 f"{tuple(logits.shape)}")
+            ok = (logits.argmax(1).cpu() == y).numpy()
+            yn = y.numpy()
+            totals += np.bincount(yn, minlength=num_classes)
+            correct += np.bincount(yn[ok], minlength=num_classes)
+            bar.update(len(y))
+    return correct, totals
+
+
+def class_accuracy(original: nn.Module, compressed: nn.Module, data: DataLike, classes: list[str], *,
+                   num_images: int | None = None, seed: int = 0, within: float = 0.03,
+                   memory_budget: int | str | None = None, progress: bool | None = None
+                   ) -> ClassAccuracy:
+    """Per-class accuracy of both networks on the same images, and the share of classes whose
+    compressed accuracy is no more than `within` below the original's (the paper: 3 points)."""
+    idx = pick_indices(num_items(data), num_images, seed)
+    k = len(classes)
+    c0, tot = per_class_correct(original, data, idx, k, memory_budget, progress)
+    c1, _ = per_class_correct(compressed, data, idx, k, memory_budget, progress)
+    present = tot > 0
+    a0 = np.where(present, c0 / np.maximum(tot, 1), np.nan)
+    a1 = np.where(present, c1 / np.maximum(tot, 1), np.nan)
+    ok = (a1[present] >= a0[present] - within - 1e-12)
+    return ClassAccuracy(
+        classes=list(classes), counts=tot.tolist(),
+        original=[None if np.isnan(v) else float(v) for v in a0],
+        compressed=[None if np.isnan(v) else float(v) for v in a1], within=float(within),
+        share_within=float(ok.mean()) if ok.size else 0.0,
+        original_overall=float(c0.sum() / max(1, tot.sum())),
+        compressed_overall=float(c1.sum() / max(1, tot.sum())))

@@ -1,0 +1,190 @@
+"""Greedy compression against an independently written greedy loop, checkpoint/resume, the
+baselines through the same driver, and the physically smaller model."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+
+import carprune as cp
+from carprune import greedy, preempt
+
+
+def masked_accuracy(model, cut_module, zeroed, x, y):
+    module = dict(model.named_modules())[cut_module]
+
+    def zero(mod, inp, out):
+        out = out.clone()
+        out[:, list(zeroed)] = 0
+        return out
+
+    h = module.register_forward_hook(zero) if zeroed else None
+    with torch.no_grad():
+        acc = (model(x).argmax(1) == y).double().mean().item()
+    if h is not None:
+        h.remove()
+    return acc
+
+
+def reference_greedy(model, cut_module, n_filters, x, y, steps):
+    """Algorithm 1 written plainly: re-score every remaining filter by a masked forward."""
+    removed = []
+    for _ in range(steps):
+        alive = [f for f in range(n_filters) if f not in removed]
+        accs = {f: masked_accuracy(model, cut_module, removed + [f], x, y) for f in alive}
+        removed.append(min(alive, key=lambda f: (-accs[f], f)))
+    return removed
+
+
+@pytest.fixture(scope="module")
+def lenet_split(mnist_test):
+    return mnist_test.sample(500, seed=0).split(0.5, seed=0)
+
+
+def test_greedy_car_matches_reference_loop(lenet, lenet_split):
+    score, hold = lenet_split
+    x, y = score.batch(slice(None))
+    m64 = copy.deepcopy(lenet).double()
+    ref = reference_greedy(m64, "pool1", 20, x.double(), y, steps=6)
+    res = cp.compress_layer(lenet, "conv1", score, eval_data=hold, keep=14, dtype=torch.float64,
+                            progress=False)
+    assert res.removed == ref
+    assert len(res.kept) == 14 and len(res.trajectory) == 7
+    xh, yh = hold.batch(slice(None))
+    for s in res.trajectory:
+        gone = [f for t in res.trajectory[1:s.step + 1] for f in t.removed]
+        assert s.kept == 20 - len(gone)
+        assert s.score_accuracy == pytest.approx(masked_accuracy(m64, "pool1", gone, x.double(), y))
+        assert s.holdout_accuracy == pytest.approx(
+            masked_accuracy(m64, "pool1", gone, xh.double(), yh))
+    # costs shrink with every removal
+    flops = [s.layer_flops for s in res.trajectory]
+    assert flops == sorted(flops, reverse=True) and len(set(flops)) == len(flops)
+    assert res.trajectory[-1].layer_bytes == 4 * 25 * 1 * 14
+    # the physically pruned model equals the masked one
+    with torch.no_grad():
+        out = res.model.double()(xh.double())
+    pruned_acc = (out.argmax(1) == yh).double().mean().item()
+    assert pruned_acc == pytest.approx(res.trajectory[-1].holdout_accuracy)
+    assert res.model.conv1.out_channels == 14 and res.model.conv2.in_channels == 14
+
+
+def test_resume_after_preemption_gives_identical_result(tmp_path, lenet, lenet_split):
+    score, hold = lenet_split
+    kw = dict(eval_data=hold, keep=42, progress=False)
+    full = cp.compress_layer(lenet, "conv2", score, **kw)
+    calls = {"n": 0}
+
+    def stop_after_three(scorer):
+        orig = scorer.score
+
+        def score(filters=None):
+            calls["n"] += 1
+            if calls["n"] == 7:  # inside the third step
+                preempt.request_stop("test")
+            return orig(filters)
+
+        scorer.score = score
+        return scorer
+
+    ckpt = tmp_path / "run.ckpt"
+    try:
+        with pytest.raises(preempt.Preempted, match="resume"):
+            cp.compress_layer(lenet, "conv2", score, checkpoint=ckpt,
+                              scorer_wrapper=stop_after_three, **kw)
+    finally:
+        preempt.clear()
+    state = cp.io.read_json(ckpt)
+    assert 1 <= len(state["trajectory"]) - 1 < 8
+    resumed = cp.compress_layer(lenet, "conv2", score, checkpoint=ckpt, **kw)
+    assert resumed.removed == full.removed
+    accs = [s.score_accuracy for s in full.trajectory]
+    assert [s.score_accuracy for s in resumed.trajectory] == accs
+    with pytest.raises(ValueError, match="different run"):
+        cp.compress_layer(lenet, "conv2", score, checkpoint=ckpt, eval_data=hold,
+                          keep=40, progress=False)
+
+
+def test_baselines_follow_their_ranking(lenet, lenet_split):
+    score, hold = lenet_split
+    w = lenet.conv2.weight.detach()
+    l1 = w.abs().sum((1, 2, 3))
+    res = cp.compress_layer(lenet, "conv2", score, eval_data=hold, criterion="l1", keep=40,
+                            progress=False)
+    expect = sorted(range(50), key=lambda f: (float(l1[f]), f))[:10]
+    assert res.removed == expect
+    r1 = cp.compress_layer(lenet, "conv2", score, criterion="random", keep=45, seed=3,
+                           progress=False)
+    r2 = cp.compress_layer(lenet, "conv2", score, criterion="random", keep=45, seed=3,
+                           progress=False)
+    r3 = cp.compress_layer(lenet, "conv2", score, criterion="random", keep=45, seed=4,
+                           progress=False)
+    assert r1.removed == r2.removed != r3.removed
+
+
+def test_max_drop_stops_at_the_floor(lenet, lenet_split):
+    score, hold = lenet_split
+    res = cp.compress_layer(lenet, "conv1", score, eval_data=hold, max_drop=0.02, progress=False)
+    base = res.trajectory[0].holdout_accuracy
+    (final,) = [s for s in res.trajectory if s.kept == len(res.kept)]
+    assert final.holdout_accuracy >= 0.98 * base
+    nxt = [s for s in res.trajectory if s.step == final.step + 1]
+    assert not nxt or nxt[0].holdout_accuracy < 0.98 * base or nxt[0].kept == 1
+
+
+def test_save_load_rebuilds_the_model(tmp_path, lenet, lenet_split):
+    score, hold = lenet_split
+    res = cp.compress_layer(lenet, "conv2", score, keep=30, filters_per_step=5, progress=False)
+    assert len(res.trajectory) == 5 and all(len(s.removed) == 5 for s in res.trajectory[1:])
+    res.save(tmp_path / "r")
+    back = cp.CompressionResult.load(tmp_path / "r", cp.models.lenet5())
+    assert back.removed == res.removed and back.kept == res.kept
+    assert [s.flops for s in back.trajectory] == [s.flops for s in res.trajectory]
+    x, _ = hold.batch(slice(0, 50))
+    with torch.no_grad():
+        torch.testing.assert_close(back.model(x), res.model(x))
+    assert back.step_of(res.removed[0]) == 1 and back.step_of(res.kept[0]) is None
+
+
+def test_lazy_mode_valid_and_errors(lenet, lenet_split):
+    score, _ = lenet_split
+    lazy = cp.compress_layer(lenet, "conv2", score, keep=44, lazy=True, progress=False)
+    assert len(lazy.removed) == 6 and len(set(lazy.removed)) == 6
+    with pytest.raises(ValueError, match="unknown criterion 'l2'"):
+        cp.compress_layer(lenet, "conv2", score, criterion="l2")
+    with pytest.raises(ValueError, match="keep must be between 1 and 50"):
+        cp.compress_layer(lenet, "conv2", score, keep=60)
+    with pytest.raises(ValueError, match="lazy re-scoring applies to the 'car' criterion"):
+        cp.compress_layer(lenet, "conv2", score, criterion="l1", lazy=True)
+    assert greedy.CRITERIA[0] == "car"
+
+
+def test_global_mode_picks_lowest_car_per_flop(lenet, lenet_split):
+    from carprune.global_mode import compress_global, compress_layers
+
+    score, hold = lenet_split
+    x, y = score.batch(slice(None))
+    res = compress_global(lenet, ["conv1", "conv2"], score, eval_data=hold, flops_target=0.9,
+                          progress=False)
+    # first pick, written independently: CAR by masked forwards, FLOPs saved by hand
+    # (conv1 filter: its 24x24x5x5 MACs + conv2's 8x8x50x5x5 on that input channel;
+    #  conv2 filter: its 8x8x20x5x5 MACs + fc1's 4x4 inputs x 500 outputs)
+    base = masked_accuracy(lenet, "pool1", [], x, y)
+    saved = {"conv1": 24 * 24 * 25 + 8 * 8 * 50 * 25, "conv2": 8 * 8 * 20 * 25 + 16 * 500}
+    cands = []
+    for layer, cut, n in (("conv1", "pool1", 20), ("conv2", "pool2", 50)):
+        for f in range(n):
+            car = base - masked_accuracy(lenet, cut, [f], x, y)
+            cands.append((car / saved[layer], ["conv1", "conv2"].index(layer), f, layer))
+    first = min(cands)
+    assert (res.trajectory[0].layer, res.trajectory[0].removed) == (first[3], first[2])
+    assert res.trajectory[0].flops_saved == saved[first[3]]
+    assert res.trajectory[-1].flops <= 0.9 * res.base_flops < res.trajectory[-2].flops
+    xh, yh = hold.batch(slice(None))
+    with torch.no_grad():
+        acc = (res.model(xh).argmax(1) == yh).double().mean().item()
+    assert acc == pytest.approx(res.trajectory[-1].holdout_accuracy)
+    seq = compress_layers(lenet, ["conv1", "conv2"], score, keep=0.5, progress=False)
+    assert seq[1].model.conv1.out_channels == 10 and seq[1].model.conv2.out_channels == 25
