@@ -1,8 +1,8 @@
 """The CAR paper's Figure 2/3 curves and Table 1 on real networks, lazy vs full re-scoring, and
 the wall time of a full greedy run against a naive greedy.
 
-    python benchmarks/bench_greedy.py --part curves  [--score-images 1000 --eval-images 1000]
-    python benchmarks/bench_greedy.py --part timing
+    python -m benchmarks.bench_greedy --part curves  [--score-images 1000 --eval-images 1000]
+    python -m benchmarks.bench_greedy --part timing
 
 Scores come from one seeded half of the CIFAR-10 test images (MNIST test digits for LeNet-5),
 hold-out accuracy from the other half, as in the paper. Outputs in out/bench/greedy/: one CSV
@@ -37,19 +37,21 @@ def _models_and_data(score_images: int, eval_images: int):
     mnist_test = cp.data.mnist5k(DATA / "mnist_5k.npz", "test")
     m_score, m_hold = mnist_test.split(0.5, seed=0)
     mnist_train = cp.data.mnist5k(DATA / "mnist_5k.npz", "train")
-    return [("resnet20", resnet20(), RESNET_LAYERS, score, hold, train),
-            ("lenet5", cp.models.pretrained_lenet5(DATA / "mnist_5k.npz"), LENET_LAYERS,
-             m_score, m_hold, mnist_train)]
+    return [("lenet5", cp.models.pretrained_lenet5(DATA / "mnist_5k.npz"), LENET_LAYERS,
+             m_score, m_hold, mnist_train),
+            ("resnet20", resnet20(), RESNET_LAYERS, score, hold, train)]
 
 
 def curves(args) -> None:
-    out = OUT / "greedy"
+    out = Path(args.out) if args.out else OUT / "greedy"
     out.mkdir(parents=True, exist_ok=True)
     rows, table, lazy_rows = [], [], []
     for net, model, layers, score, hold, train in _models_and_data(args.score_images, args.eval_images):
         if args.nets and net not in args.nets:
             continue
         for layer in layers:
+            if args.layers and layer not in args.layers:
+                continue
             print(f"== {net} {layer}", flush=True)
             runs: dict[str, list] = {}
             t0 = time.perf_counter()
@@ -255,6 +257,8 @@ def main() -> None:
     ap.add_argument("--eval-images", type=int, default=1000)
     ap.add_argument("--seeds", type=int, default=10)
     ap.add_argument("--nets", nargs="*", default=None)
+    ap.add_argument("--layers", nargs="*", default=None, help="only these layers")
+    ap.add_argument("--out", default=None, help="output folder (default out/bench/greedy)")
     ap.add_argument("--ft-points", type=float, nargs="*", default=[0.75, 0.5, 0.25])
     ap.add_argument("--ft-iters", type=int, default=500)
     ap.add_argument("--ft-batch", type=int, default=64)

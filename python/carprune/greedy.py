@@ -233,7 +233,7 @@ def compress_layer(
     if show:
         from tqdm.auto import tqdm
 
-        bar = tqdm(total=n - target, initial=n - scorer.alive, desc=f"compress {layer}",
+        bar = tqdm(total=n - target, initial=n - len(scorer.alive), desc=f"compress {layer}",
                    unit="filter")
     try:
         while True:

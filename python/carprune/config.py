@@ -1,0 +1,295 @@
+"""Command settings from three layers: built-in defaults < a TOML config file < command-line flags.
+
+A batch job usually keeps the long-lived choices (model, weights, data, normalisation) in a
+config file and varies one or two flags per task (``--layer``, ``--out``), so every setting has
+one name used in both places (``--num-images`` on the command line is ``num_images`` in the
+file) and one converter, so a value means the same wherever it comes from.
+
+File layout: top-level keys apply to every command; a table named after a command
+(``[compress]``, ``[deep-compress]``) applies to that command only and wins over the top level.
+A top-level key that no command knows is an error (a typo must not silently fall back to a
+default); one that another command knows is ignored, so one file can serve several commands.
+Relative paths in a file are relative to the file's directory, so a job can run from anywhere.
+"""
+
+from __future__ import annotations
+
+import difflib
+import os
+import re
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+try:
+    import tomllib
+except ImportError:  # Python 3.10
+    try:
+        import tomli as tomllib  # type: ignore[no-redef]
+    except ImportError:
+        tomllib = None  # type: ignore[assignment]
+
+
+class ConfigError(ValueError):
+    """A setting is missing, unknown or malformed; the message names it and where it came from."""
+
+
+KINDS = ("str", "int", "float", "number", "bool", "path", "paths", "model", "floats", "ints", "strs",
+         "spec", "iters", "table")
+
+
+@dataclass(frozen=True)
+class Option:
+    """One setting: its name (``num_images``), how values are read, its default and help.
+
+    kinds: str, int, float, number (int count or float fraction), bool, path (resolved against
+    the config file's directory), model (a model spec, whose ``file.py:fn`` part is a path),
+    floats/ints/strs/paths (lists; on the command line comma-separated), spec (a number or a mapping
+    of names to numbers, e.g. ``conv=0.6,linear=0.9``), iters (an int or a pair ``a,b``),
+    table (a TOML table; JSON on the command line).
+    """
+
+    name: str
+    kind: str
+    default: Any = None
+    help: str = ""
+    choices: tuple[Any, ...] | None = None
+    required: bool = False
+    metavar: str | None = None
+
+    def __post_init__(self) -> None:
+        if self.kind not in KINDS:
+            raise ValueError(f"option {self.name}: unknown kind {self.kind!r}")
+
+    @property
+    def flag(self) -> str:
+        return "--" + self.name.replace("_", "-")
+
+
+def _split_list(value: Any) -> list[Any]:
+    if isinstance(value, str):
+        return [v.strip() for v in value.split(",") if v.strip()]
+    if isinstance(value, (list, tuple)):
+        return list(value)
+    return [value]
+
+
+def _number(text: str) -> int | float:
+    t = text.strip()
+    if re.fullmatch(r"[+-]?\d+", t):
+        return int(t)
+    return float(t)
+
+
+def convert(opt: Option, value: Any, where: str, base: Path | None = None) -> Any:
+    """`value` for `opt` as the program uses it; `where` says where it came from, for errors.
+
+    `base` is the directory relative paths are resolved against (None: keep them as given,
+    relative to the working directory, as flags are).
+    """
+    what = f"{where}: {opt.name}"
+    try:
+        out = _convert(opt, value, base)
+    except (TypeError, ValueError) as exc:
+        raise ConfigError(f"{what}: {exc}") from None
+    if opt.choices is not None:
+        bad = [v for v in (out if isinstance(out, list) else [out]) if v not in opt.choices]
+        if bad:
+            raise ConfigError(f"{what}: {bad[0]!r} is not one of {', '.join(map(str, opt.choices))}")
+    return out
+
+
+def _resolve_path(text: str, base: Path | None) -> str:
+    p = Path(os.path.expanduser(os.path.expandvars(text)))
+    if base is not None and not p.is_absolute():
+        p = base / p
+    return str(p)
+
+
+def _convert(opt: Option, value: Any, base: Path | None) -> Any:
+    k = opt.kind
+    if value is None:
+        return None
+    if k == "str":
+        if not isinstance(value, str):
+            raise TypeError(f"expected a string, got {value!r}")
+        return value
+    if k == "path":
+        if not isinstance(value, (str, os.PathLike)):
+            raise TypeError(f"expected a path, got {value!r}")
+        return _resolve_path(os.fspath(value), base)
+    if k == "model":
+        if not isinstance(value, str):
+            raise TypeError(f"expected a model name or module:function, got {value!r}")
+        head, sep, fn = value.rpartition(":")
+        if sep and head.endswith(".py"):
+            return _resolve_path(head, base) + ":" + fn
+        return value
+    if k == "bool":
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.lower() in ("1", "true", "yes", "on", "0", "false",
+                                                          "no", "off"):
+            return value.lower() in ("1", "true", "yes", "on")
+        raise TypeError(f"expected true or false, got {value!r}")
+    if k == "int":
+        if isinstance(value, bool):
+            raise TypeError(f"expected an integer, got {value!r}")
+        if isinstance(value, int):
+            return value
+        if isinstance(value, str) and re.fullmatch(r"\s*[+-]?\d+\s*", value):
+            return int(value)
+        raise TypeError(f"expected an integer, got {value!r}")
+    if k in ("float", "number"):
+        if isinstance(value, bool):
+            raise TypeError(f"expected a number, got {value!r}")
+        if isinstance(value, (int, float)):
+            return float(value) if k == "float" else value
+        if isinstance(value, str):
+            try:
+                n = _number(value)
+            except ValueError:
+                raise TypeError(f"expected a number, got {value!r}") from None
+            return float(n) if k == "float" else n
+        raise TypeError(f"expected a number, got {value!r}")
+    if k in ("floats", "ints", "strs", "paths"):
+        item = Option(opt.name, {"floats": "float", "ints": "int", "strs": "str", "paths": "path"}[k])
+        return [_convert(item, v, base) for v in _split_list(value)]
+    if k == "iters":
+        items = _split_list(value)
+        ints = [_convert(Option(opt.name, "int"), v, base) for v in items]
+        if len(ints) == 1:
+            return ints[0]
+        if len(ints) == 2:
+            return tuple(ints)
+        raise TypeError(f"expected an int or a pair of ints, got {value!r}")
+    if k == "spec":
+        return _spec(value)
+    if k == "table":
+        if isinstance(value, Mapping):
+            return dict(value)
+        if isinstance(value, str):
+            import json
+
+            try:
+                obj = json.loads(value)
+            except json.JSONDecodeError as exc:
+                raise TypeError(f"expected a JSON object, got {value!r} ({exc})") from None
+            if isinstance(obj, dict):
+                return obj
+        raise TypeError(f"expected a table (JSON object on the command line), got {value!r}")
+    raise AssertionError(k)
+
+
+def _spec(value: Any) -> Any:
+    """A number, or a mapping of kind/layer names to numbers (or to tables such as
+    ``{quality = 1.2}``): '0.6' or 'conv=0.6,linear=0.9' on the command line."""
+    if isinstance(value, bool):
+        raise TypeError(f"expected a number or name=value pairs, got {value!r}")
+    if isinstance(value, (int, float)):
+        return value
+    if isinstance(value, Mapping):
+        return {str(k): _spec(v) if not isinstance(v, Mapping) else dict(v) for k, v in value.items()}
+    if isinstance(value, str):
+        if "=" not in value:
+            try:
+                return _number(value)
+            except ValueError:
+                raise TypeError(f"expected a number or name=value pairs, got {value!r}") from None
+        out: dict[str, Any] = {}
+        for part in _split_list(value):
+            key, sep, num = part.partition("=")
+            if not sep or not key.strip():
+                raise TypeError(f"expected name=value, got {part!r}")
+            try:
+                out[key.strip()] = _number(num)
+            except ValueError:
+                raise TypeError(f"{key.strip()}: expected a number, got {num!r}") from None
+        return out
+    raise TypeError(f"expected a number or name=value pairs, got {value!r}")
+
+
+def read_config(path: str | os.PathLike) -> dict[str, Any]:
+    """Parse a TOML config file (errors name the file and the TOML problem)."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"config file not found: {path}")
+    if tomllib is None:
+        raise ConfigError("reading TOML config files needs Python 3.11+ or `pip install tomli`")
+    try:
+        with path.open("rb") as f:
+            return tomllib.load(f)
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"config file {path} is not valid TOML: {exc}") from None
+
+
+def _normalise_key(key: str) -> str:
+    return key.replace("-", "_")
+
+
+def _unknown(key: str, known: Iterable[str], where: str) -> ConfigError:
+    close = difflib.get_close_matches(key, list(known), n=1)
+    hint = f" (did you mean {close[0]!r}?)" if close else ""
+    return ConfigError(f"{where}: unknown setting {key!r}{hint}")
+
+
+def merge_settings(
+    command: str,
+    options: Sequence[Option],
+    flags: Mapping[str, Any],
+    file_config: Mapping[str, Any] | None = None,
+    config_path: str | os.PathLike | None = None,
+    all_commands: Mapping[str, Sequence[Option]] | None = None,
+) -> dict[str, Any]:
+    """Settings of `command`: defaults, then the file's top level, then its ``[command]`` table,
+    then the flags given explicitly (`flags` holds only those, as raw strings or values).
+
+    `all_commands` (name -> options) lets a shared file carry other commands' keys and tables.
+    """
+    by_name = {o.name: o for o in options}
+    commands = dict(all_commands or {command: options})
+    known_anywhere = {o.name for opts in commands.values() for o in opts}
+    table_names = {c for c in commands} | {c.replace("-", "_") for c in commands}
+    out: dict[str, Any] = {o.name: o.default for o in options}
+    source: dict[str, str] = {o.name: "default" for o in options}
+    if file_config:
+        where = f"config file {config_path}" if config_path else "config file"
+        base = Path(config_path).resolve().parent if config_path else None
+        layers: list[tuple[Mapping[str, Any], str, bool]] = [(file_config, where, False)]
+        for key in (command, command.replace("-", "_")):
+            if isinstance(file_config.get(key), Mapping):
+                layers.append((file_config[key], f"{where} [{key}]", True))
+                break
+        for table, tw, own in layers:
+            for raw_key, value in table.items():
+                key = _normalise_key(raw_key)
+                if not own and raw_key in table_names and isinstance(value, Mapping):
+                    continue  # a command's table: applied above (or another command's)
+                if key in by_name:
+                    out[key] = convert(by_name[key], value, tw, base)
+                    source[key] = tw
+                elif own or key not in known_anywhere:
+                    raise _unknown(raw_key, by_name if own else known_anywhere, tw)
+    for key, value in flags.items():
+        opt = by_name[key]
+        out[key] = convert(opt, value, opt.flag)
+        source[key] = "command line"
+    missing = [o for o in options if o.required and out.get(o.name) is None]
+    if missing:
+        names = ", ".join(f"{o.flag} (or {o.name} in the config file)" for o in missing)
+        raise ConfigError(f"{command}: missing required setting{'s' if len(missing) > 1 else ''}: "
+                          f"{names}")
+    out["_sources"] = source
+    return out
+
+
+def fingerprint_settings(settings: Mapping[str, Any], keys: Iterable[str]) -> dict[str, Any]:
+    """The subset of settings that determines a result (for resume checks), JSON-friendly."""
+    def plain(v: Any) -> Any:
+        if isinstance(v, tuple):
+            return list(v)
+        return v
+
+    return {k: plain(settings.get(k)) for k in keys}
+

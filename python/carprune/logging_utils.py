@@ -1,0 +1,146 @@
+"""Progress for people and for batch logs.
+
+On a terminal a run shows tqdm bars. In a batch job stderr is a file, where bars turn into one
+long line of carriage returns, so there a run writes plain timestamped log lines instead: one
+per greedy step, one per scored layer, and a heartbeat every ``--log-interval`` seconds while a
+long computation runs, so a stalled job and a slow one can be told apart from the log alone.
+With several ranks only rank 0 reports progress; other ranks log warnings and errors.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+import threading
+import time
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from typing import Any
+
+LOGGER_NAME = "carprune"
+MODES = ("auto", "bar", "log", "none")
+
+log = logging.getLogger(LOGGER_NAME)
+
+
+def resolve_mode(mode: str, rank: int = 0) -> str:
+    """'bar' on a terminal, 'log' otherwise (for 'auto'); ranks other than 0 show no bars."""
+    if mode not in MODES:
+        raise ValueError(f"progress must be one of {', '.join(MODES)}, got {mode!r}")
+    if mode == "auto":
+        mode = "bar" if sys.stderr.isatty() else "log"
+    if rank != 0 and mode == "bar":
+        mode = "log"
+    return mode
+
+
+class _StderrHandler(logging.StreamHandler):
+    """Writes to whatever sys.stderr is at the time of the record (it may be replaced after
+    setup, e.g. by a test harness or an embedding application)."""
+
+    def __init__(self) -> None:
+        super().__init__(sys.stderr)
+
+    @property  # type: ignore[override]
+    def stream(self):
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, value) -> None:
+        pass
+
+
+class _Formatter(logging.Formatter):
+    def __init__(self, rank: int | None) -> None:
+        tag = f"carprune[{rank}]" if rank is not None else "carprune"
+        super().__init__(f"%(asctime)s {tag} %(levelname)s %(message)s", "%Y-%m-%d %H:%M:%S")
+
+
+def setup_logging(mode: str, rank: int = 0, world_size: int = 1, level: str = "info") -> logging.Logger:
+    """Log lines go to stderr (stdout stays for results). With several ranks each line names its
+    rank, and ranks other than 0 log warnings and errors only, so a log is not N copies."""
+    for h in list(log.handlers):
+        log.removeHandler(h)
+    handler = _StderrHandler()
+    handler.setFormatter(_Formatter(rank if world_size > 1 else None))
+    log.addHandler(handler)
+    log.propagate = False
+    lvl = getattr(logging, level.upper(), None)
+    if not isinstance(lvl, int):
+        raise ValueError(f"unknown log level {level!r}")
+    if mode == "none" or (rank != 0 and lvl < logging.WARNING):
+        lvl = logging.WARNING
+    log.setLevel(lvl)
+    return log
+
+
+def format_seconds(s: float) -> str:
+    s = int(round(s))
+    h, rem = divmod(s, 3600)
+    m, sec = divmod(rem, 60)
+    return f"{h}h{m:02d}m{sec:02d}s" if h else (f"{m}m{sec:02d}s" if m else f"{sec}s")
+
+
+@contextmanager
+def heartbeat(activity: str, interval: float, enabled: bool = True) -> Iterator[None]:
+    """While the body runs, log '<activity>: still running (elapsed)' every `interval` seconds.
+
+    The engine's inner loops have no hook for log lines; a heartbeat thread at least shows in a
+    batch log that the job is alive and how long the current piece has taken."""
+    if not enabled or interval <= 0:
+        yield
+        return
+    stop = threading.Event()
+    t0 = time.monotonic()
+
+    def beat() -> None:
+        while not stop.wait(interval):
+            log.info("%s: still running (%s elapsed)", activity, format_seconds(time.monotonic() - t0))
+
+    th = threading.Thread(target=beat, name="carprune-heartbeat", daemon=True)
+    th.start()
+    try:
+        yield
+    finally:
+        stop.set()
+        th.join()
+
+
+class StepLogger:
+    """Wraps a scorer (as `compress_layer`'s scorer_wrapper does) to log one line per greedy
+    step in batch logs: which filters went, their CAR, how many remain, the step's time.
+
+    Everything else is delegated, so greedy compression sees the wrapped scorer unchanged."""
+
+    def __init__(self, scorer: Any, enabled: bool = True, interval: float = 60.0) -> None:
+        self._scorer = scorer
+        self._enabled = enabled
+        self._interval = interval
+        self._last_car: dict[int, float] = {}
+        self._t = time.monotonic()
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._scorer, name)
+
+    def score(self, filters: Sequence[int] | None = None) -> Any:
+        n = len(self._scorer.alive) if filters is None else len(filters)
+        activity = f"scoring {n} filters of {self._scorer.layer}"
+        with heartbeat(activity, self._interval, self._enabled and n > 0):
+            s = self._scorer.score(filters)
+        if n:
+            self._last_car = {int(f): float(c) for f, c in zip(s.filters.tolist(), s.car.tolist(),
+                                                               strict=True)}
+        return s
+
+    def remove(self, filters: Sequence[int]) -> None:
+        self._scorer.remove(filters)
+        if not self._enabled:
+            return
+        now = time.monotonic()
+        cars = [self._last_car.get(int(f)) for f in filters]
+        car = ", ".join(f"{f} (CAR {100 * c:+.2f} pts)" if c is not None else str(f)
+                        for f, c in zip(filters, cars, strict=True))
+        left = len(self._scorer.alive)
+        log.info("%s: removed filter %s; %d of %d left (%s)", self._scorer.layer, car, left,
+                 self._scorer.num_filters, format_seconds(now - self._t))
+        self._t = now

@@ -1,0 +1,506 @@
+"""The `carprune` command: settings (flags over a TOML file), model and data specs, outputs, exit
+codes, batch-log progress, and preemption (SIGTERM, SIGKILL) with resume to the identical result.
+
+Most commands run in-process through `cli.main` (fast); the quick start, the log output and the
+preemption tests run the real `python -m carprune` in a subprocess, as a batch script would.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import tarfile
+import threading
+import time
+import zipfile
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+import carprune as cp
+from carprune import cli, config, preempt, specs
+from carprune.data import folder
+
+ROOT = Path(__file__).resolve().parents[1]
+DATA = ROOT.parent / "shared" / "data"
+CIFAR = DATA / "cifar10-jpeg.tar.gz"
+MNIST = DATA / "mnist_5k.npz"
+RESNET20 = DATA / "models" / "resnet20-12fca82f.th"
+
+
+@pytest.fixture(autouse=True)
+def _restore_signals():
+    """In-process runs install SIGTERM/SIGINT handlers; pytest must get its own back."""
+    saved = {s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGINT)}
+    preempt.clear()
+    yield
+    for s, h in saved.items():
+        signal.signal(s, h)
+    preempt.clear()
+
+
+@pytest.fixture(scope="session")
+def lenet_weights(lenet, tmp_path_factory) -> Path:
+    path = tmp_path_factory.mktemp("weights") / "lenet5.pt"
+    torch.save(lenet.state_dict(), path)
+    return path
+
+
+@pytest.fixture(scope="session")
+def mnist_npz(tmp_path_factory) -> Path:
+    """The shared MNIST sample as an .npz with train/test keys (the `_<split>` key form)."""
+    tr, te = cp.data.mnist5k(MNIST, "train"), cp.data.mnist5k(MNIST, "test")
+    path = tmp_path_factory.mktemp("mnist") / "mnist_split.npz"
+    np.savez(path, x_train=tr.images[..., 0], y_train=tr.labels, x_test=te.images[..., 0],
+             y_test=te.labels, classes=np.array(cp.data.MNIST_CLASSES))
+    return path
+
+
+def lenet_args(weights: Path, npz: Path, out: Path, *extra: str) -> list[str]:
+    return ["--model", "lenet5", "--weights", str(weights), "--data", str(npz), "--split", "test",
+            "--mean", "0", "--std", "1", "--out", str(out), "--progress", "none", *extra]
+
+
+def run_cli(*args: str, env: dict | None = None, timeout: float = 240) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "carprune", *args], cwd=ROOT, capture_output=True,
+                          text=True, timeout=timeout, env={**os.environ, **(env or {})})
+
+
+# -- help, exit codes, settings ------------------------------------------------------------------
+def test_help_documents_every_exit_code(capsys):
+    assert cli.main(["--help"]) == 0
+    text = capsys.readouterr().out
+    for code in (0, 1, 2, 75, 130):
+        assert f"\n  {code:3d}  " in text
+    assert cli.EXIT_PREEMPTED == preempt.EXIT_PREEMPTED == 75
+    for cmd in ("score", "compress", "finetune", "deep-compress", "report", "bench"):
+        assert cmd in text
+
+
+@pytest.mark.parametrize("args, needle", [
+    (["score", "--model", "lenet5", "--data", str(MNIST), "--out", "x", "--layer", "conv9"],
+     "unknown layer 'conv9'"),
+    (["score", "--model", "resnet21", "--data", str(MNIST), "--out", "x", "--layer", "conv1"],
+     "unknown model 'resnet21'"),
+    (["score", "--model", "lenet5", "--weights", "/nonexistent.pt", "--data", str(MNIST), "--out", "x",
+      "--layer", "conv1"], "checkpoint not found"),
+    (["score", "--model", "lenet5", "--data", str(MNIST), "--out", "x", "--layer", "conv1",
+      "--num-images", "many"], "num_images: expected an integer"),
+    (["score", "--model", "lenet5", "--data", str(MNIST), "--layer", "conv1"], "--out"),
+    (["compress", "--model", "lenet5", "--data", str(MNIST), "--out", "x", "--layer", "conv1",
+      "--criterion", "best"], "'best' is not one of"),
+    (["score", "--model", "resnet20", "--weights", str(RESNET20), "--data", str(CIFAR), "--out", "x",
+      "--layer", "conv1"], "choose one with --split"),
+])
+def test_usage_errors_exit_2_with_one_line(args, needle, tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    assert cli.main(args) == cli.EXIT_USAGE
+    err = [line for line in capsys.readouterr().err.splitlines() if "error:" in line]
+    assert len(err) == 1 and needle in err[0], err
+    assert "Traceback" not in err[0]
+
+
+def test_argparse_errors_exit_2(capsys):
+    assert cli.main(["score", "--no-such-flag"]) == 2
+    assert cli.main(["frobnicate"]) == 2
+    assert cli.main([]) == 2
+
+
+def test_config_file_flags_override_and_paths_are_relative_to_the_file(
+        tmp_path, lenet_weights, mnist_npz, capsys):
+    cfg_dir = tmp_path / "cfg"
+    cfg_dir.mkdir()
+    os.symlink(mnist_npz, cfg_dir / "digits.npz")
+    (cfg_dir / "run.toml").write_text(
+        'model = "lenet5"\n'
+        f'weights = "{lenet_weights}"\n'
+        'data = "digits.npz"\n'             # relative to the file, not to the working directory
+        'split = "test"\nmean = [0.0]\nstd = [1.0]\n'
+        'num_images = 300\nkeep = 10\n'     # keep: a compress key, ignored by score
+        '[score]\nlayer = "conv2"\nnum_images = 200\n'
+        '[compress]\nlayer = "conv1"\n')
+    out = tmp_path / "o"
+    assert cli.main(["score", "--config", str(cfg_dir / "run.toml"), "--out", str(out),
+                     "--num-images", "120", "--progress", "none"]) == 0
+    doc = json.loads((out / "scores.json").read_text())
+    assert doc["layer"] == "conv2"               # from [score], over nothing
+    assert doc["num_images"] == 120              # the flag beats [score] beats the top level
+    run = json.loads((out / "run.json").read_text())
+    assert run["state"] == "done" and run["exit_code"] == 0
+    assert run["settings"]["data"] == str(cfg_dir / "digits.npz")
+    capsys.readouterr()
+    (cfg_dir / "bad.toml").write_text('model = "lenet5"\nnum_imagse = 3\n')
+    assert cli.main(["score", "--config", str(cfg_dir / "bad.toml"), "--out", str(out)]) == 2
+    assert "did you mean 'num_images'" in capsys.readouterr().err
+    (cfg_dir / "broken.toml").write_text('model = "lenet5\n')
+    assert cli.main(["score", "--config", str(cfg_dir / "broken.toml"), "--out", str(out)]) == 2
+    assert "not valid TOML" in capsys.readouterr().err
+
+
+def test_merge_settings_order_and_conversion():
+    opts = cli.command_options()
+    file_cfg = {"num_images": 50, "prune": {"conv": 0.5}, "deep-compress": {"bits": 6},
+                "score": {"layer": "a"}, "finetune_iters": [10, 20]}
+    s = config.merge_settings("deep-compress", opts["deep-compress"],
+                              {"prune": "conv=0.7,fc1=0.9", "model": "lenet5", "out": "o"},
+                              file_cfg, None, opts)
+    assert s["num_images"] == 50 and s["bits"] == 6 and s["finetune_iters"] == (10, 20)
+    assert s["prune"] == {"conv": 0.7, "fc1": 0.9}        # the flag replaces the file's table
+    assert s["_sources"]["bits"].endswith("[deep-compress]")
+    with pytest.raises(config.ConfigError,
+                       match=r"\[score\]: unknown setting 'layers' \(did you mean 'layer'"):
+        config.merge_settings("score", opts["score"], {}, {"score": {"layer": "a", "layers": 1}},
+                              None, opts)
+    keep = opts["compress"][[o.name for o in opts["compress"]].index("keep")]
+    assert config.convert(keep, "10", "flag") == 10 and config.convert(keep, "0.5", "flag") == 0.5
+
+
+# -- model and data specs ------------------------------------------------------------------------
+def test_model_specs(tmp_path, lenet_weights, monkeypatch):
+    assert isinstance(specs.build_model("resnet56"), cp.models.ResNetCifar)
+    assert specs.build_model("resnet56").depth == 56
+    (tmp_path / "mymodels.py").write_text(
+        "import torch.nn as nn\n"
+        "from carprune.models import lenet5\n"
+        "def small(num_classes=10, width=4):\n"
+        "    return nn.Sequential(nn.Conv2d(1, width, 3), nn.ReLU(), nn.Flatten(),\n"
+        "                         nn.Linear(width * 26 * 26, num_classes))\n"
+        "def lenet():\n    return lenet5()\n"
+        "def not_a_model():\n    return 3\n")
+    m = specs.build_model(f"{tmp_path / 'mymodels.py'}:small", model_kwargs={"width": 6})
+    assert m[0].out_channels == 6
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    lenet = specs.load_model("mymodels:lenet", lenet_weights)
+    ref = torch.load(lenet_weights)
+    assert all(torch.equal(v, ref[k]) for k, v in lenet.state_dict().items())
+    with pytest.raises(ValueError, match="returned int"):
+        specs.build_model("mymodels:not_a_model")
+    with pytest.raises(ValueError, match="has no callable 'nope'"):
+        specs.build_model("mymodels:nope")
+    with pytest.raises(ValueError, match="does not match"):
+        specs.load_model("resnet20", lenet_weights)
+    try:
+        import torchvision  # noqa: F401
+    except ImportError:
+        with pytest.raises(ValueError, match="need torchvision installed"):
+            specs.build_model("resnet18")
+    else:
+        assert isinstance(specs.build_model("resnet18"), torch.nn.Module)
+
+
+def _write_folder(root: Path, arrays: dict[str, tuple[np.ndarray, np.ndarray]], classes) -> None:
+    for split, (x, y) in arrays.items():
+        for i, (img, lab) in enumerate(zip(x, y, strict=True)):
+            d = root / split / classes[lab]
+            d.mkdir(parents=True, exist_ok=True)
+            Image.fromarray(img).save(d / f"{i:05d}.png")
+
+
+def test_folder_tar_and_npz_read_the_same_images(tmp_path, cifar_test, monkeypatch):
+    monkeypatch.setenv("CARPRUNE_CACHE", str(tmp_path / "cache"))
+    rng = np.random.default_rng(0)
+    idx = {s: np.sort(rng.choice(len(cifar_test), 30, replace=False)) for s in ("train", "test")}
+    arrays = {s: (cifar_test.images[i], cifar_test.labels[i]) for s, i in idx.items()}
+    names = ["c" + n for n in cp.data.CIFAR10_CLASSES]  # not CIFAR's names: no CIFAR defaults
+    root = tmp_path / "folder"
+    _write_folder(root, arrays, names)
+    with tarfile.open(tmp_path / "folder.tar.gz", "w:gz") as tar:
+        tar.add(root, arcname="folder")
+    order = sorted(names)
+    test_x, test_y = arrays["test"]
+    # the reader orders by class (sorted names), then by file name
+    want = np.lexsort((np.arange(30), [order.index(names[c]) for c in test_y]))
+    for src in (root, tmp_path / "folder.tar.gz"):
+        with pytest.raises(ValueError, match="holds the splits test, train"):
+            folder.load_images(src)
+        with pytest.raises(ValueError, match="no split 'val'"):
+            folder.load_images(src, "val")
+        ds = folder.load_images(src, "test", mean=[0.5], std=[0.25])
+        assert ds.classes == order
+        assert np.array_equal(ds.images, test_x[want])
+        assert [ds.classes[c] for c in ds.labels] == [names[c] for c in test_y[want]]
+        x, _ = ds.batch([0])
+        assert torch.allclose(x[0], (torch.from_numpy(test_x[want][0]).permute(2, 0, 1) / 255 - 0.5)
+                              / 0.25)
+        again = folder.load_images(src, "test", mean=[0.5], std=[0.25])  # from the cache
+        assert np.array_equal(again.images, ds.images)
+    assert len(list((tmp_path / "cache").glob("images-*.npz"))) == 2
+    grey = folder.load_images(root, "test", channels=1)
+    pil = np.stack([np.asarray(Image.fromarray(im).convert("L")) for im in test_x[want]])
+    assert np.array_equal(grey.images[..., 0], pil)
+    np.savez(tmp_path / "d.npz", images_test=test_x.transpose(0, 3, 1, 2), labels_test=test_y)
+    ds = folder.load_images(tmp_path / "d.npz", "test", mean=[0], std=[1])
+    assert np.array_equal(ds.images, test_x) and ds.classes == [str(i) for i in range(int(test_y.max()) + 1)]
+    with pytest.raises(ValueError, match="needs arrays x_train"):
+        folder.load_images(tmp_path / "d.npz", "train")
+    (tmp_path / "junk.npz").write_bytes(b"not a zip")
+    with pytest.raises(ValueError, match="not a readable .npz"):
+        folder.load_images(tmp_path / "junk.npz")
+
+
+def test_the_cifar_archive_gets_its_classes_and_normalisation(cifar_test):
+    ds = specs.load_data(CIFAR, "test")
+    assert ds.classes == list(cp.data.CIFAR10_CLASSES)
+    assert ds.mean == cifar_test.mean and ds.std == cifar_test.std
+    assert np.array_equal(ds.labels, cifar_test.labels) and np.array_equal(ds.images, cifar_test.images)
+
+
+# -- score ---------------------------------------------------------------------------------------
+QUICK = ["--model", "resnet20", "--weights", str(RESNET20), "--data", str(CIFAR), "--split", "test",
+         "--layer", "layer3.2.conv1", "--num-images", "64"]
+
+
+def test_quickstart_score_writes_scores_prints_summary_and_resumes(tmp_path, resnet20, cifar_test):
+    out = tmp_path / "quickstart"
+    p = run_cli("score", *QUICK, "--out", str(out))
+    assert p.returncode == 0, p.stderr
+    ref = cp.score_layer(resnet20, "layer3.2.conv1", cifar_test, num_images=64, seed=0, progress=False)
+    got = cp.LayerScores.load(out / "scores.npz")
+    assert torch.equal(got.counts, ref.counts) and torch.equal(got.base_counts, ref.base_counts)
+    assert ref.summary() in p.stdout
+    doc = json.loads((out / "scores.json").read_text())
+    assert np.allclose(doc["car"], ref.car.numpy()) and np.allclose(doc["car_c"], ref.car_c.numpy())
+    assert doc["least_important_first"] == ref.least_important(64)
+    # batch log: plain timestamped lines, no carriage returns from progress bars
+    assert "\r" not in p.stderr and "carprune INFO layer3.2.conv1: scored in" in p.stderr
+    mtime = (out / "scores.npz").stat().st_mtime_ns
+    again = run_cli("score", *QUICK, "--out", str(out))
+    assert again.returncode == 0 and "already scored" in again.stderr
+    assert ref.summary() in again.stdout and (out / "scores.npz").stat().st_mtime_ns == mtime
+
+
+def test_score_several_layers_in_process(tmp_path, lenet_weights, mnist_npz, lenet, capsys):
+    out = tmp_path / "s"
+    args = ["score", *lenet_args(lenet_weights, mnist_npz, out, "--layer", "all", "--num-images", "200",
+                                 "--filters", "0,3,5")]
+    assert cli.main(args) == 0
+    index = json.loads((out / "scores.json").read_text())
+    assert sorted(index["layers"]) == ["conv1", "conv2"]
+    data = specs.load_data(mnist_npz, "test", mean=[0], std=[1])
+    for layer in ("conv1", "conv2"):
+        got = cp.LayerScores.load(out / layer / "scores.npz")
+        ref = cp.score_layer(lenet, layer, data, num_images=200, filters=[0, 3, 5], progress=False)
+        assert got.filters.tolist() == [0, 3, 5] and torch.equal(got.counts, ref.counts)
+
+
+def test_progress_bars_when_asked_and_log_lines_otherwise(tmp_path, lenet_weights, mnist_npz, capsys):
+    for cmd, extra, bar in (("score", ["--layer", "conv2"], "CAR conv2"),
+                            ("compress", ["--layer", "conv2", "--keep", "48"], "compress conv2")):
+        args = [cmd, *lenet_args(lenet_weights, mnist_npz, tmp_path / cmd, "--num-images", "100", *extra)]
+        args[args.index("none")] = "bar"    # what a terminal gets by default (--progress auto)
+        assert cli.main(args) == 0, capsys.readouterr().err
+        err = capsys.readouterr().err
+        assert bar in err and "\r" in err
+        args[args.index("bar")] = "log"
+        shutil.rmtree(tmp_path / cmd)
+        assert cli.main(args) == 0
+        err = capsys.readouterr().err
+        assert bar not in err and "\r" not in err and " carprune INFO " in err
+
+
+# -- compress, finetune, deep-compress, report, bench --------------------------------------------
+@pytest.fixture(scope="module")
+def compressed(tmp_path_factory, lenet_weights, mnist_npz) -> Path:
+    out = tmp_path_factory.mktemp("compress") / "conv2"
+    saved = {s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        code = cli.main(["compress", *lenet_args(lenet_weights, mnist_npz, out, "--layer", "conv2",
+                                                 "--num-images", "300", "--keep", "46")])
+    finally:
+        for s, h in saved.items():
+            signal.signal(s, h)
+    assert code == 0
+    return out
+
+
+def test_compress_result_and_downstream_commands(compressed, tmp_path, lenet_weights, mnist_npz, lenet,
+                                                 capsys):
+    from carprune import surgery
+    from carprune.deepcompress import load_compressed
+    from carprune.greedy import CompressionResult
+
+    res = CompressionResult.load(compressed, architecture=cp.models.lenet5())
+    assert len(res.kept) == 46 and len(res.trajectory) == 5
+    assert res.model.conv2.out_channels == 46 and res.model.fc1.in_features == 46 * 16
+    run = json.loads((compressed / "run.json").read_text())
+    assert run["state"] == "done" and (compressed / "checkpoint.json").is_file()
+    # finetune: the compressed layer keeps its weights (lr 0), the others move
+    ft = tmp_path / "ft"
+    assert cli.main(["finetune", "--model", "lenet5", "--weights", str(lenet_weights),
+                     "--result", str(compressed), "--data", str(mnist_npz), "--split", "train",
+                     "--mean", "0", "--std", "1", "--eval-data", str(mnist_npz), "--eval-split", "test",
+                     "--iters", "5", "--lr-other", "0.01", "--out", str(ft), "--progress", "none"]) == 0
+    tuned = CompressionResult.load(ft, architecture=cp.models.lenet5())
+    assert torch.equal(tuned.model.conv2.weight, res.model.conv2.weight)
+    assert not torch.equal(tuned.model.fc2.weight, res.model.fc2.weight)
+    doc = json.loads((ft / "finetune.json").read_text())
+    assert tuned.finetuned_holdout_accuracy == doc["accuracy_after"] is not None
+    # deep-compress the pruned model; the .cpz loads back into the pruned architecture
+    dc = tmp_path / "dc"
+    assert cli.main(["deep-compress", *lenet_args(lenet_weights, mnist_npz, dc, "--result", str(compressed),
+                                                  "--num-images", "200", "--prune", "conv=0.5,linear=0.9",
+                                                  "--bits", "6", "--kmeans-iters", "10")]) == 0
+    rep = json.loads((dc / "report.json").read_text())
+    assert rep["file_bytes"] == (dc / "model.cpz").stat().st_size
+    back = load_compressed(dc / "model.cpz", surgery.copy_model(res.model))
+    assert back.conv2.weight.shape == res.model.conv2.weight.shape
+    assert (back.fc1.weight != 0).float().mean().item() == pytest.approx(0.1, abs=1e-3)
+    # report: one table over the compress, fine-tune and deep-compress outputs
+    capsys.readouterr()
+    assert cli.main(["report", str(compressed), str(ft), str(dc), "--out", str(tmp_path / "r"),
+                     "--progress", "none"]) == 0
+    table = (tmp_path / "r" / "report.md").read_text()
+    assert table.count("| conv2 | car | 50 | 46 |") == 2 and "## Deep Compression" in table
+    assert table in capsys.readouterr().out + "\n"
+    assert cli.main(["report", str(tmp_path), "--out", str(tmp_path / "r2")]) == 2
+
+
+def test_bench_quick_matches_the_naive_pass(tmp_path, lenet_weights, mnist_npz, capsys):
+    out = tmp_path / "b"
+    assert cli.main(["bench", *lenet_args(lenet_weights, mnist_npz, out, "--layer", "conv2",
+                                          "--num-images", "64")]) == 0
+    doc = json.loads((out / "bench.json").read_text())
+    assert doc["count_mismatch"] == 0 and doc["base_equal"] and doc["filters"] == 50
+    assert "speed-up" in capsys.readouterr().out
+
+
+# -- preemption ----------------------------------------------------------------------------------
+class Watcher(threading.Thread):
+    """Reads every visible JSON/.npz file of a directory in a tight loop while runs write it;
+    any file that does not parse would be a half-written one."""
+
+    def __init__(self, d: Path) -> None:
+        super().__init__(daemon=True)
+        self.d, self.stop, self.reads, self.bad = d, threading.Event(), 0, []
+
+    def run(self) -> None:
+        while not self.stop.wait(0.005):  # leave the CPU to the runs being watched
+            try:
+                paths = [p for p in self.d.rglob("*") if p.is_file()]
+            except FileNotFoundError:
+                continue  # a temporary directory vanished while listing
+            for p in paths:
+                if p.name.startswith(".") or any(q.startswith(".") for q in p.relative_to(self.d).parts):
+                    continue  # temporary names: never a final file
+                try:
+                    if p.suffix == ".json":
+                        json.loads(p.read_bytes())
+                        self.reads += 1
+                    elif p.suffix in (".npz", ".pt"):
+                        with zipfile.ZipFile(p) as z:
+                            z.testzip()
+                        self.reads += 1
+                except (FileNotFoundError, IsADirectoryError):
+                    pass  # replaced between listing and reading
+                except Exception as exc:
+                    self.bad.append(f"{p}: {type(exc).__name__}: {exc}")
+
+
+def _steps(ckpt: Path) -> int:
+    try:
+        return len(json.loads(ckpt.read_text())["trajectory"]) - 1
+    except (FileNotFoundError, json.JSONDecodeError, KeyError):
+        return 0
+
+
+def _start_and_signal(args: list[str], ckpt: Path, min_steps: int, sig: int) -> tuple[int, str]:
+    p = subprocess.Popen([sys.executable, "-m", "carprune", *args], cwd=ROOT, stdout=subprocess.PIPE,
+                         stderr=subprocess.PIPE, text=True)
+    t0 = time.monotonic()
+    while _steps(ckpt) < min_steps:
+        assert p.poll() is None, p.communicate()[1]
+        assert time.monotonic() - t0 < 180, "no progress"
+        time.sleep(0.05)
+    p.send_signal(sig)
+    _, err = p.communicate(timeout=180)
+    return p.returncode, err
+
+
+def test_sigterm_and_sigkill_then_resume_gives_the_identical_result(tmp_path, lenet_weights, mnist_npz):
+    args = lambda out: ["compress", *lenet_args(lenet_weights, mnist_npz, out, "--layer", "conv2",
+                                                "--num-images", "120", "--keep", "43"), "--progress", "log"]
+    ref_dir = tmp_path / "ref"
+    assert cli.main(args(ref_dir)) == 0
+    ref = json.loads((ref_dir / "result.json").read_text())
+    out = tmp_path / "run"
+    ckpt = out / "checkpoint.json"
+    watcher = Watcher(out)
+    watcher.start()
+    try:
+        rc, err = _start_and_signal(args(out), ckpt, 1, signal.SIGTERM)
+        assert rc == cli.EXIT_PREEMPTED, err
+        assert "stopped by SIGTERM" in err
+        run = json.loads((out / "run.json").read_text())
+        assert run["state"] == "preempted" and run["exit_code"] == 75
+        first = _steps(ckpt)
+        assert 1 <= first < 6 and not (out / "result.json").exists()
+        rc, err = _start_and_signal(args(out), ckpt, first + 1, signal.SIGKILL)
+        assert rc == -signal.SIGKILL
+        assert "resuming from" in err
+        second = _steps(ckpt)
+        assert first + 1 <= second < 7
+        p = run_cli(*args(out))
+        assert p.returncode == 0, p.stderr
+    finally:
+        watcher.stop.set()
+        watcher.join()
+    assert not watcher.bad, watcher.bad
+    assert watcher.reads > 0
+    got = json.loads((out / "result.json").read_text())
+    assert got["removed"] == ref["removed"] and got["kept"] == ref["kept"]
+    strip = lambda t: [{k: v for k, v in s.items() if k != "seconds"} for s in t]
+    assert strip(got["trajectory"]) == strip(ref["trajectory"])
+    a = torch.load(out / "model" / "weights.pt")
+    b = torch.load(ref_dir / "model" / "weights.pt")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert json.loads((out / "run.json").read_text())["state"] == "done"
+
+
+def test_resume_refuses_a_checkpoint_of_other_weights(tmp_path, lenet, lenet_weights, mnist_npz, capsys):
+    out = tmp_path / "c"
+    args = lambda w: ["compress", *lenet_args(w, mnist_npz, out, "--layer", "conv2", "--num-images",
+                                              "100", "--keep", "49")]
+    assert cli.main(args(lenet_weights)) == 0
+    other = {k: v + 0.01 for k, v in lenet.state_dict().items()}
+    torch.save(other, tmp_path / "other.pt")
+    capsys.readouterr()
+    # same greedy settings (the library's own checkpoint check passes), other weights file
+    assert cli.main(args(tmp_path / "other.pt")) == 2
+    assert "belongs to a run with other model/data settings" in capsys.readouterr().err
+    assert cli.main(args(lenet_weights)) == 0   # the original settings still resume
+
+
+# -- examples ------------------------------------------------------------------------------------
+@pytest.mark.parametrize("cfg", sorted((ROOT / "examples" / "configs").glob("*.toml")), ids=lambda p: p.name)
+def test_example_configs_are_valid_for_every_command_they_configure(cfg, capsys):
+    doc = config.read_config(cfg)
+    parser = cli.build_parser()
+    commands = [c for c in cli.command_options() if c in doc] + ["layers"]
+    for cmd in commands:
+        args = {"layers": [], "report": ["--out", "o", "some/dir"]}.get(cmd, ["--out", "o"])
+        ns = parser.parse_args([cmd, "--config", str(cfg), *args])
+        s = cli.settings_for(cmd, ns)
+        for key in ("weights", "data"):
+            if s.get(key):
+                assert Path(s[key]).is_file(), f"{cfg.name}: {key} {s[key]} does not exist"
+    assert cli.main(["layers", "--config", str(cfg)]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    model = specs.load_model(doc["model"])
+    assert [ln.split()[0] for ln in lines] == cp.conv_layers(model)
+
+
+@pytest.mark.parametrize("script", sorted((ROOT / "examples" / "slurm").glob("*.sh")), ids=lambda p: p.name)
+def test_slurm_scripts_parse_and_use_the_documented_exit_codes(script):
+    assert subprocess.run(["bash", "-n", str(script)], capture_output=True).returncode == 0
+    text = script.read_text()
+    assert "carprune" in text
+    if "scontrol requeue" in text:
+        assert "75)" in text or "preempted)" in text  # requeue only a checkpointed run
