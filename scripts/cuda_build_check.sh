@@ -18,7 +18,7 @@ export CUDACXX="${CUDACXX:-$CUDA_TOOLKIT_ROOT_DIR/bin/nvcc}"
 export TORCH_CUDA_ARCH_LIST="${TORCH_CUDA_ARCH_LIST:-8.0;9.0}"
 CMAKE_ARGS="-DCARPRUNE_CUDA=ON -DCUDA_TOOLKIT_ROOT_DIR=$CUDA_TOOLKIT_ROOT_DIR" \
   "$CUDA_VENV/bin/python" -m pip install -q --no-build-isolation \
-  --config-settings=build-dir="$CACHE/build-cuda" . 2> >(_quiet)
+  --config-settings=build-dir="$CACHE/build-cuda-$(pwd | cksum | cut -d" " -f1)" . 2> >(_quiet)
 cd /tmp
 "$CUDA_VENV/bin/python" - <<'PY'
 import torch
