@@ -190,9 +190,12 @@ class LayerScorer:
                                       self.budget // 4)
         cached = sum(_bytes_per_row(t) for t in live) + (
             _bytes_per_row(inputs[0]) if self.fused is not None else 0)
+        # A chunk is briefly held twice (its parts and their concatenation) and, when chunks are
+        # recomputed per pass, the next one is built while the last is still referenced: so a
+        # streamed chunk gets a quarter of the budget, the cached whole set half.
         self.cache_all = cached * len(self.indices) <= self.budget // 2
         self.chunk_images = len(self.indices) if self.cache_all else max(
-            1, (self.budget // 2) // max(1, cached))
+            1, (self.budget // 4) // max(1, cached))
 
     def _probe_chunk(self, live: Sequence[torch.Tensor], labels: torch.Tensor) -> _Chunk:
         return self._make_chunk(list(live), labels)
@@ -239,7 +242,9 @@ class LayerScorer:
             return
         for g in groups:
             with torch.no_grad():
-                yield self._compute_chunk(g)
+                chunk = self._compute_chunk(g)
+            yield chunk
+            del chunk
 
     # -- the tail ----------------------------------------------------------------------------
     def _tail_inputs(self, ch: _Chunk, b0: int, b1: int, channels: torch.Tensor | None
