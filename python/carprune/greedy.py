@@ -197,7 +197,7 @@ def compress_layer(
     if scorer_wrapper is not None:
         scorer = scorer_wrapper(scorer)
     n = scorer.num_filters
-    target = _target_kept(n, keep if max_drop is None or keep is not None else None)
+    target = _target_kept(n, keep)
     input_shape = tuple(_input_shape(score_data))
     config = {"layer": layer, "criterion": criterion, "keep": keep, "max_drop": max_drop,
               "filters_per_step": filters_per_step, "score_images": len(scorer.indices),
