@@ -17,7 +17,7 @@ import torch
 
 import carprune as cp
 
-from .common import OUT, best_batch, cifar_test, flop_bound, naive_counts, resnet20, seeded_subset, timed
+from .common import OUT, best_batch, cifar_test, flop_bound, naive_counts, resnet20, timed
 
 LAYERS = {"layer1.0.conv1": "layer1.0.relu1", "layer2.0.conv1": "layer2.0.relu1",
           "layer3.2.conv1": "layer3.2.relu1"}
@@ -29,7 +29,7 @@ ROWS: dict[str, dict] = {}
 @pytest.fixture(scope="module")
 def setup():
     model = resnet20()
-    data = seeded_subset(cifar_test(), N_IMAGES, seed=0)
+    data = cifar_test().sample(N_IMAGES, seed=0)
     x, y = data.batch(slice(None))
     batch, per_image = best_batch(model, x[:1000])
     print("\nfull forward, seconds per image by batch size: "

@@ -6,7 +6,6 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
-import numpy as np
 import torch
 from torch import fx, nn
 
@@ -115,8 +114,3 @@ def timed(fn):
     t0 = time.perf_counter()
     out = fn()
     return out, time.perf_counter() - t0
-
-
-def seeded_subset(data: cp.data.ImageArrayDataset, n: int, seed: int = 0):
-    idx = np.sort(np.random.default_rng(seed).choice(len(data), size=n, replace=False))
-    return data.subset(idx)

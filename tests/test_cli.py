@@ -246,6 +246,26 @@ def test_folder_tar_and_npz_read_the_same_images(tmp_path, cifar_test, monkeypat
         folder.load_images(tmp_path / "junk.npz")
 
 
+def test_broken_or_mixed_size_images_are_named(tmp_path, cifar_test, monkeypatch):
+    monkeypatch.setenv("CARPRUNE_CACHE", str(tmp_path / "cache"))
+    arrays = {"test": (cifar_test.images[:4], np.array([0, 0, 1, 1]))}
+    for case in ("corrupt", "sizes"):
+        root = tmp_path / case
+        _write_folder(root, arrays, ["a", "b"])
+        if case == "corrupt":
+            (root / "test" / "b" / "00003.png").write_bytes(b"\x89PNG\r\n\x1a\n truncated")
+            needle = r"image (test/b/00003\.png|\S*corrupt/test/b/00003\.png) cannot be decoded"
+        else:
+            Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(root / "test" / "a" / "00001.png")
+            needle = r"images differ in size"
+        with tarfile.open(tmp_path / f"{case}.tar", "w") as tar:
+            tar.add(root, arcname=case)
+        for src in (root, tmp_path / f"{case}.tar"):
+            with pytest.raises(ValueError, match=needle):
+                folder.load_images(src, "test")
+    assert not list((tmp_path / "cache").glob("images-*.npz"))  # nothing cached from a failure
+
+
 def test_the_cifar_archive_gets_its_classes_and_normalisation(cifar_test):
     ds = specs.load_data(CIFAR, "test")
     assert ds.classes == list(cp.data.CIFAR10_CLASSES)

@@ -190,12 +190,12 @@ class LayerScorer:
                                       self.budget // 4)
         cached = sum(_bytes_per_row(t) for t in live) + (
             _bytes_per_row(inputs[0]) if self.fused is not None else 0)
-        # A chunk is briefly held twice (its parts and their concatenation) and, when chunks are
-        # recomputed per pass, the next one is built while the last is still referenced: so a
-        # streamed chunk gets a quarter of the budget, the cached whole set half.
+        # The budget: at most half for the cached activations (all images, or one streamed
+        # chunk at a time), a quarter for one prefix or tail call's intermediates (never both at
+        # once), a quarter left for the allocator's slack, the image batch and the counts.
         self.cache_all = cached * len(self.indices) <= self.budget // 2
         self.chunk_images = len(self.indices) if self.cache_all else max(
-            1, (self.budget // 4) // max(1, cached))
+            1, (self.budget // 2) // max(1, cached))
 
     def _probe_chunk(self, live: Sequence[torch.Tensor], labels: torch.Tensor) -> _Chunk:
         return self._make_chunk(list(live), labels)
@@ -216,13 +216,20 @@ class LayerScorer:
         return _Chunk(labels=labels, a=a.contiguous(), z=z, others=others)
 
     def _compute_chunk(self, idx: np.ndarray) -> _Chunk:
-        parts: list[list[torch.Tensor]] = []
+        """The prefix over images `idx`, in calls of `prefix_rows` written straight into
+        chunk-sized tensors (no list of parts and no concatenation holding the chunk twice)."""
+        live: list[torch.Tensor] = []
         labels = []
         for s in range(0, len(idx), self.prefix_rows):
             x, y = self._images(idx[s:s + self.prefix_rows])
-            parts.append([t.contiguous() for t in self._run_prefix(x)])
+            outs = self._run_prefix(x)
+            if not live:
+                live = [torch.empty((len(idx), *t.shape[1:]), dtype=t.dtype, device=t.device)
+                        for t in outs]
+            for dst, t in zip(live, outs, strict=True):
+                dst[s:s + len(y)].copy_(t)
             labels.append(y)
-        live = [torch.cat(ts) if len(ts) > 1 else ts[0] for ts in zip(*parts, strict=True)]
+            del x, outs
         y = torch.cat(labels)
         if y.numel() and (int(y.min()) < 0 or int(y.max()) >= self.num_classes):
             raise ValueError(f"labels must lie in [0, {self.num_classes}) for a model with "
@@ -244,6 +251,10 @@ class LayerScorer:
             with torch.no_grad():
                 chunk = self._compute_chunk(g)
             yield chunk
+            # the caller's loop variable still refers to this chunk while the next one is
+            # built: empty it so that only one streamed chunk is ever held
+            chunk.a = chunk.z = None
+            chunk.others.clear()
             del chunk
 
     # -- the tail ----------------------------------------------------------------------------

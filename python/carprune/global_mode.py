@@ -15,7 +15,7 @@ import sys
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 from torch import nn
@@ -26,8 +26,7 @@ from .data.batches import DataLike, load_batch
 from .engine import LayerScorer
 from .greedy import CompressionResult, compress_layer
 from .io import read_json, write_json
-
-RESULT_VERSION = 1
+from .results import PrunedModelResult
 
 
 def compress_layers(model: nn.Module, layers: list[str], score_data: DataLike, **kwargs: Any
@@ -62,7 +61,10 @@ class GlobalStep:
 
 
 @dataclass
-class GlobalCompressionResult:
+class GlobalCompressionResult(PrunedModelResult):
+
+    FORMAT: ClassVar[str] = "carprune.GlobalCompressionResult"
+    VERSION: ClassVar[int] = 1
     layers: list[str]
     flops_target: float
     trajectory: list[GlobalStep]
@@ -74,29 +76,12 @@ class GlobalCompressionResult:
     model: nn.Module | None = field(default=None, repr=False)
 
     def to_dict(self) -> dict[str, Any]:
-        d = {k: v for k, v in asdict(self).items() if k != "model"}
-        return {"format": "carprune.GlobalCompressionResult", "version": RESULT_VERSION, **d}
-
-    def save(self, directory: str | os.PathLike) -> Path:
-        d = Path(directory)
-        d.mkdir(parents=True, exist_ok=True)
-        if self.model is not None:
-            surgery.save_pruned(self.model, d / "model")
-        write_json(d / "result.json", self.to_dict())
-        return d
+        return {k: v for k, v in asdict(self).items() if k != "model"}
 
     @classmethod
-    def load(cls, directory: str | os.PathLike, architecture: nn.Module | None = None
-             ) -> GlobalCompressionResult:
-        d = Path(directory)
-        obj = read_json(d / "result.json", "global compression result")
-        if obj.pop("format", None) != "carprune.GlobalCompressionResult" or \
-                obj.pop("version", None) != RESULT_VERSION:
-            raise ValueError(f"{d / 'result.json'} is not a GlobalCompressionResult (version "
-                             f"{RESULT_VERSION})")
-        obj["trajectory"] = [GlobalStep(**s) for s in obj["trajectory"]]
-        model = surgery.load_pruned(d / "model", architecture) if architecture is not None else None
-        return cls(model=model, **obj)
+    def from_dict(cls, obj: dict[str, Any], model: nn.Module | None) -> GlobalCompressionResult:
+        return cls(**{**obj, "trajectory": [GlobalStep(**s) for s in obj["trajectory"]]},
+                   model=model)
 
 
 def _silence(model: nn.Module, layer: str, filters: list[int]) -> None:

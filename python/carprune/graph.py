@@ -114,12 +114,11 @@ def conv_layers(model: nn.Module) -> list[str]:
     return [name for name, m in model.named_modules() if isinstance(m, nn.Conv2d)]
 
 
-def find_cut(gm: fx.GraphModule, layer: str) -> Cut:
-    """The point after `layer`'s channel-wise followers where its filters' outputs are consumed."""
+def conv_call(gm: fx.GraphModule, layer: str) -> fx.Node:
+    """The single call of conv `layer` in the traced graph; errors name what is wrong."""
     modules = dict(gm.named_modules())
     if layer not in modules:
-        convs = conv_layers(gm)
-        raise CutError(f"unknown layer {layer!r}; the conv layers are: {', '.join(convs)}")
+        raise CutError(f"unknown layer {layer!r}; the conv layers are: {', '.join(conv_layers(gm))}")
     conv = modules[layer]
     if not isinstance(conv, nn.Conv2d):
         raise CutError(f"layer {layer!r} is a {type(conv).__name__}, not a Conv2d; only conv "
@@ -128,7 +127,26 @@ def find_cut(gm: fx.GraphModule, layer: str) -> Cut:
     if len(calls) != 1:
         raise CutError(f"layer {layer!r} is called {len(calls)} times in forward(); a filter of "
                        "a shared (or unused) layer has no single place where it is removed")
-    node = calls[0]
+    return calls[0]
+
+
+def reachable(node: fx.Node, downstream: bool = True) -> set[fx.Node]:
+    """Every node that depends on `node` (downstream) or that it depends on, `node` excluded."""
+    seen: set[fx.Node] = set()
+    step = (lambda n: n.users) if downstream else (lambda n: n.all_input_nodes)
+    stack = list(step(node))
+    while stack:
+        n = stack.pop()
+        if n not in seen:
+            seen.add(n)
+            stack.extend(step(n))
+    return seen
+
+
+def find_cut(gm: fx.GraphModule, layer: str) -> Cut:
+    """The point after `layer`'s channel-wise followers where its filters' outputs are consumed."""
+    node = conv_call(gm, layer)
+    conv = gm.get_submodule(layer)
     chain: list[str] = []
     while len(node.users) == 1:
         (user,) = node.users
@@ -142,7 +160,7 @@ def find_cut(gm: fx.GraphModule, layer: str) -> Cut:
                        "output itself, so no filter can be removed without changing the output size")
     if not node.users:
         raise CutError(f"layer {layer!r} has no valid cut: its output is never used")
-    return Cut(layer=layer, conv=conv, conv_node=calls[0], node=node, chain=chain)
+    return Cut(layer=layer, conv=conv, conv_node=conv_call(gm, layer), node=node, chain=chain)
 
 
 @dataclass
@@ -238,22 +256,11 @@ def _subgraph(gm: fx.GraphModule, inputs: list[fx.Node], nodes: list[fx.Node],
     return sub
 
 
-def _descendants(node: fx.Node) -> set[fx.Node]:
-    seen: set[fx.Node] = set()
-    stack = list(node.users)
-    while stack:
-        n = stack.pop()
-        if n not in seen:
-            seen.add(n)
-            stack.extend(n.users)
-    return seen
-
-
 def split_at(gm: fx.GraphModule, cut: Cut, fuse: bool = True) -> Split:
     """Cut `gm` at `cut`; with `fuse`, leave a fusable consumer conv to the fused kernel."""
     order = list(gm.graph.nodes)
     out_node = next(n for n in order if n.op == "output")
-    desc = _descendants(cut.node)
+    desc = reachable(cut.node)
     fused = find_fused_consumer(gm, cut) if fuse else None
     prefix_nodes = [n for n in order
                     if n not in desc and n.op not in ("placeholder", "output", "get_attr")]

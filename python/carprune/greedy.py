@@ -18,7 +18,7 @@ import time
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 from torch import nn
@@ -29,9 +29,9 @@ from .data.batches import DataLike, num_items
 from .engine import LayerScorer
 from .finetune import FineTune, finetune
 from .io import read_json, write_json
+from .results import PrunedModelResult
 
 CRITERIA = ("car", "random", "mean_in", "mean_out", "l1", "kse")
-RESULT_VERSION = 1
 
 
 @dataclass
@@ -52,8 +52,11 @@ class Step:
 
 
 @dataclass
-class CompressionResult:
+class CompressionResult(PrunedModelResult):
     """The outcome of compressing one layer: trajectory, removed/kept filters, smaller model."""
+
+    FORMAT: ClassVar[str] = "carprune.CompressionResult"
+    VERSION: ClassVar[int] = 1
 
     layer: str
     criterion: str
@@ -77,32 +80,13 @@ class CompressionResult:
         return None
 
     def to_dict(self) -> dict[str, Any]:
-        return {"format": "carprune.CompressionResult", "version": RESULT_VERSION,
-                "layer": self.layer, "criterion": self.criterion,
+        return {"layer": self.layer, "criterion": self.criterion,
                 "num_filters": self.num_filters, "removed": self.removed, "kept": self.kept,
                 "config": self.config, "finetuned_holdout_accuracy": self.finetuned_holdout_accuracy,
                 "trajectory": [asdict(s) for s in self.trajectory]}
 
-    def save(self, directory: str | os.PathLike) -> Path:
-        """result.json (trajectory) + the pruned model as weights and kept-channel JSON."""
-        d = Path(directory)
-        d.mkdir(parents=True, exist_ok=True)
-        if self.model is not None:
-            surgery.save_pruned(self.model, d / "model")
-        write_json(d / "result.json", self.to_dict())
-        return d
-
     @classmethod
-    def load(cls, directory: str | os.PathLike, architecture: nn.Module | None = None
-             ) -> CompressionResult:
-        """Read a saved result; with `architecture` (the unpruned model) rebuild the model."""
-        d = Path(directory)
-        obj = read_json(d / "result.json", "compression result")
-        if obj.get("format") != "carprune.CompressionResult":
-            raise ValueError(f"{d / 'result.json'} is not a CompressionResult")
-        if obj.get("version") != RESULT_VERSION:
-            raise ValueError(f"CompressionResult version {obj.get('version')} is not supported")
-        model = surgery.load_pruned(d / "model", architecture) if architecture is not None else None
+    def from_dict(cls, obj: dict[str, Any], model: nn.Module | None) -> CompressionResult:
         return cls(layer=obj["layer"], criterion=obj["criterion"], num_filters=obj["num_filters"],
                    removed=list(obj["removed"]), kept=list(obj["kept"]),
                    trajectory=[Step(**s) for s in obj["trajectory"]], config=obj["config"],

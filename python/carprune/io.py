@@ -12,6 +12,18 @@ from pathlib import Path
 from typing import IO, Any
 
 
+def _default_mode() -> int:
+    """The permissions open() would give a new file (0666 less the umask): mkstemp's 0600 would
+    hide results from the rest of a group sharing an HPC project directory."""
+    try:  # Linux: read it without the process-wide os.umask(0) round trip
+        with open("/proc/self/status") as f:
+            umask = next(int(line.split()[1], 8) for line in f if line.startswith("Umask:"))
+    except (OSError, StopIteration, ValueError):
+        umask = os.umask(0)
+        os.umask(umask)
+    return 0o666 & ~umask
+
+
 @contextmanager
 def atomic_open(path: str | os.PathLike, mode: str = "wb") -> Iterator[IO[Any]]:
     """Open a temporary file beside `path`; on success fsync and rename it over `path`."""
@@ -22,6 +34,7 @@ def atomic_open(path: str | os.PathLike, mode: str = "wb") -> Iterator[IO[Any]]:
         with os.fdopen(fd, mode) as f:
             yield f
             f.flush()
+            os.fchmod(f.fileno(), _default_mode())
             os.fsync(f.fileno())
         os.replace(tmp, path)
     except BaseException:

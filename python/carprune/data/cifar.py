@@ -5,7 +5,9 @@ from __future__ import annotations
 import io
 import os
 import tarfile
+from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 from PIL import Image
@@ -49,22 +51,31 @@ def read_image_tar(path: Path, split: str | None, classes: tuple[str, ...] | Non
         raise ValueError(f"{path} is truncated or corrupt ({type(exc).__name__}: {exc})") from exc
     if not items:
         raise ValueError(f"{path} holds no images" + (f" under '{split}/'" if split else ""))
+    return decode_class_images(
+        path, [(c, name, lambda blob=blob: io.BytesIO(blob)) for c, name, blob in items], classes)
+
+
+def decode_class_images(src: Path, items: Sequence[tuple[str, str, Callable[[], Any]]],
+                        classes: Sequence[str] | None = None
+                        ) -> tuple[np.ndarray, np.ndarray, list[str]]:
+    """Decode (class folder, image name, opener) items of an ImageFolder tree, in class then name
+    order: RGB uint8 images [N, H, W, 3], labels [N], class names (sorted, unless given)."""
     names = list(classes) if classes is not None else sorted({c for c, _, _ in items})
     index = {c: i for i, c in enumerate(names)}
     unknown = sorted({c for c, _, _ in items} - set(index))
     if unknown:
-        raise ValueError(f"{path}: unexpected class folders {unknown}; expected {names}")
-    items.sort(key=lambda t: (index[t[0]], t[1]))
+        raise ValueError(f"{src}: unexpected class folders {unknown}; expected {names}")
+    items = sorted(items, key=lambda t: (index[t[0]], t[1]))
     images = []
-    for _, name, blob in items:
+    for _, name, opener in items:
         try:
-            with Image.open(io.BytesIO(blob)) as im:
+            with Image.open(opener()) as im:
                 images.append(np.asarray(im.convert("RGB")))
         except Exception as exc:
-            raise ValueError(f"{path}: image {name} cannot be decoded ({exc})") from exc
+            raise ValueError(f"{src}: image {name} cannot be decoded ({exc})") from exc
     shapes = {im.shape for im in images}
     if len(shapes) != 1:
-        raise ValueError(f"{path}: images differ in size {sorted(shapes)[:4]}")
+        raise ValueError(f"{src}: images differ in size {sorted(shapes)[:4]}; resize them first")
     labels = np.array([index[c] for c, _, _ in items], dtype=np.int64)
     return np.stack(images), labels, names
 

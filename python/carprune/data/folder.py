@@ -19,11 +19,10 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
-from PIL import Image
 
 from .arrays import ImageArrayDataset
 from .cache import atomic_save_npz, cache_dir, source_key
-from .cifar import CIFAR10_CLASSES, CIFAR10_MEAN, CIFAR10_STD, read_image_tar
+from .cifar import CIFAR10_CLASSES, CIFAR10_MEAN, CIFAR10_STD, decode_class_images, read_image_tar
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".ppm", ".pgm", ".tif", ".tiff")
 CACHE_VERSION = "1"
@@ -88,24 +87,8 @@ def read_image_dir(root: Path, split: str | None, classes: Sequence[str] | None 
     if not files:
         raise ValueError(f"{root} holds no images in class folders"
                          + (f" under '{split}/'" if split else ""))
-    names = list(classes) if classes is not None else sorted({p[-2] for p in files})
-    index = {c: i for i, c in enumerate(names)}
-    unknown = sorted({p[-2] for p in files} - set(index))
-    if unknown:
-        raise ValueError(f"{root}: unexpected class folders {unknown}; expected {names}")
-    files.sort(key=lambda p: (index[p[-2]], p))
-    images = []
-    for p in files:
-        try:
-            with Image.open(root.joinpath(*p)) as im:
-                images.append(np.asarray(im.convert("RGB")))
-        except Exception as exc:
-            raise ValueError(f"{root.joinpath(*p)} cannot be decoded ({exc})") from exc
-    shapes = {im.shape for im in images}
-    if len(shapes) != 1:
-        raise ValueError(f"{root}: images differ in size {sorted(shapes)[:4]}; resize them first")
-    labels = np.array([index[p[-2]] for p in files], dtype=np.int64)
-    return np.stack(images), labels, names
+    return decode_class_images(
+        root, [(p[-2], "/".join(p), lambda p=p: root.joinpath(*p)) for p in files], classes)
 
 
 def read_npz(path: Path, split: str | None) -> tuple[np.ndarray, np.ndarray, list[str] | None]:

@@ -21,7 +21,7 @@ from torch import fx, nn
 from .. import graph
 from ..data.batches import DataLike, load_batch, num_items, pick_indices
 from ..engine import parse_bytes
-from .receptive import ReceptiveField, conv_node, propagate_shapes, receptive_field_of
+from .receptive import ReceptiveField, propagate_shapes, receptive_field_of
 
 Activation = Literal["conv", "bn"]
 MAX_ROWS = 4096
@@ -165,9 +165,9 @@ def search_patches(
     dev = torch.device(device) if device is not None else (
         params[0].device if params else torch.device("cpu"))
     gm = graph.trace(model).to(dev)
-    target = _activation_node(gm, conv_node(gm, layer), activation)
+    target = _activation_node(gm, graph.conv_call(gm, layer), activation)
     sub = truncate(gm, target)          # only the network up to the layer ever runs
-    conv = conv_node(sub, layer)
+    conv = graph.conv_call(sub, layer)
     indices = pick_indices(n_total, num_images, seed)
     x0, _ = load_batch(data, indices[:1])
     if not x0.is_floating_point():

@@ -239,33 +239,6 @@ def _node_geometry(gm: fx.GraphModule, node: fx.Node, geo: dict[fx.Node, Geometr
     return _union([geo[a] for a in same], node)
 
 
-def _ancestors(node: fx.Node) -> set[fx.Node]:
-    seen: set[fx.Node] = set()
-    stack = [node]
-    while stack:
-        n = stack.pop()
-        if n not in seen:
-            seen.add(n)
-            stack.extend(n.all_input_nodes)
-    return seen
-
-
-def conv_node(gm: fx.GraphModule, layer: str) -> fx.Node:
-    """The single call of conv `layer` in the traced graph (errors name the problem)."""
-    modules = dict(gm.named_modules())
-    convs = graph.conv_layers(gm)
-    if layer not in modules:
-        raise graph.CutError(f"unknown layer {layer!r}; the conv layers are: {', '.join(convs)}")
-    if not isinstance(modules[layer], nn.Conv2d):
-        raise graph.CutError(f"layer {layer!r} is a {type(modules[layer]).__name__}, not a Conv2d; "
-                             f"conv layers: {', '.join(convs)}")
-    calls = [n for n in gm.graph.nodes if n.op == "call_module" and n.target == layer]
-    if len(calls) != 1:
-        raise graph.CutError(f"layer {layer!r} is called {len(calls)} times in forward(); its "
-                             "filters have no single activation map")
-    return calls[0]
-
-
 def propagate_shapes(gm: fx.GraphModule, example: torch.Tensor) -> None:
     """Annotate every node of `gm` with its tensor shape for one example batch."""
     with torch.no_grad():
@@ -274,7 +247,7 @@ def propagate_shapes(gm: fx.GraphModule, example: torch.Tensor) -> None:
 
 def receptive_field_of(gm: fx.GraphModule, node: fx.Node) -> ReceptiveField:
     """Geometry of `node`'s output in a shape-annotated graph (see `propagate_shapes`)."""
-    need = _ancestors(node)
+    need = graph.reachable(node, downstream=False) | {node}
     geo: dict[fx.Node, Geometry | None] = {}
     for n in gm.graph.nodes:
         if n in need:
@@ -294,18 +267,18 @@ def receptive_field(model: nn.Module | fx.GraphModule, layer: str,
     from .patches import truncate
 
     gm = model if isinstance(model, fx.GraphModule) else graph.trace(model)
-    sub = truncate(gm, conv_node(gm, layer))
+    sub = truncate(gm, graph.conv_call(gm, layer))
     params = list(sub.parameters())
     dev = params[0].device if params else torch.device("cpu")
     dtype = params[0].dtype if params else torch.float32
     propagate_shapes(sub, torch.zeros((1, *input_shape), device=dev, dtype=dtype))
-    return receptive_field_of(sub, conv_node(sub, layer))
+    return receptive_field_of(sub, graph.conv_call(sub, layer))
 
 
 def is_first_layer(gm: fx.GraphModule, node: fx.Node) -> bool:
     """True if no conv or linear layer lies between the input and `node` (its weights then act
     on image pixels directly and can be drawn as images)."""
-    for n in _ancestors(node) - {node}:
+    for n in graph.reachable(node, downstream=False):
         if n.op == "call_module" and isinstance(gm.get_submodule(n.target),
                                                 (nn.Conv2d, nn.Linear, nn.ConvTranspose2d)):
             return False
@@ -318,5 +291,5 @@ def box_area(box: tuple[int, int, int, int]) -> int:
     return max(0, box[2] - box[0]) * max(0, box[3] - box[1])
 
 
-__all__ = ["ReceptiveField", "box_area", "conv_node", "is_first_layer", "propagate_shapes",
+__all__ = ["ReceptiveField", "box_area", "is_first_layer", "propagate_shapes",
            "receptive_field", "receptive_field_of"]

@@ -24,7 +24,7 @@ from . import figures
 from .classes import ClassAccuracy, ClassImportance, class_accuracy, class_importance
 from .colour import DEFAULT_THRESHOLD, ColourSummary, colour_selectivity, colour_summary
 from .patches import Activation, PatchSearch, crop, display_images, mosaic, search_patches
-from .receptive import ReceptiveField, conv_node, is_first_layer
+from .receptive import ReceptiveField, is_first_layer
 
 if TYPE_CHECKING:
     from ..greedy import CompressionResult
@@ -282,7 +282,7 @@ def interpret(
     if patches < 1:
         raise ValueError(f"patches must be >= 1, got {patches}")
     gm = graph.trace(model)
-    node = conv_node(gm, layer)
+    node = graph.conv_call(gm, layer)
     conv = gm.get_submodule(layer)
     nf = int(conv.out_channels)
     data_classes = getattr(data, "classes", None)
