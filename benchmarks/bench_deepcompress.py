@@ -313,10 +313,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     args.out.mkdir(parents=True, exist_ok=True)
     progress = sys.stderr.isatty()
     results: dict[str, Any] = {}
-    parts: list[str] = []
     if args.part in ("lenet", "all"):
         results["lenet5"] = bench_lenet(args.out, tuple(args.lenet_iters), args.lenet_lr, progress)
-        parts.append("lenet5.md")
         print((args.out / "lenet5.md").read_text())
     if args.part in ("resnet", "all"):
         rows = bench_resnet(
@@ -324,9 +322,13 @@ def main(argv: Sequence[str] | None = None) -> None:
             score_n=args.score_n, max_drop=args.max_drop if args.max_drop >= 0 else None,
         )
         results["resnet20_table2"] = [asdict(r) for r in rows]
-        parts.append("resnet20_table2.md")
         print((args.out / "resnet20_table2.md").read_text())
-    (args.out / "deepcompress.json").write_text(json.dumps(results, indent=2) + "\n")
+    # a part run alone keeps the other part's earlier results in the combined files
+    combined = args.out / "deepcompress.json"
+    if combined.is_file():
+        results = {**json.loads(combined.read_text()), **results}
+    combined.write_text(json.dumps(results, indent=2) + "\n")
+    parts = [p for p in ("lenet5.md", "resnet20_table2.md") if (args.out / p).is_file()]
     (args.out / "deepcompress.md").write_text("\n".join((args.out / p).read_text() for p in parts))
 
 

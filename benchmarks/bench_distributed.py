@@ -34,7 +34,7 @@ SCALING_LAYER = "layer2.0.conv1"
 SCALING_IMAGES = 500
 REPEATS = 2
 MEMORY_LAYER = "layer3.8.conv1"
-MEMORY_BUDGETS = ("256MiB",)
+MEMORY_BUDGETS = ("64MiB", "256MiB")
 # One thread: on a shared machine, OpenMP threads waiting for a busy core made a 2-thread
 # ResNet-56 forward 6x slower than one thread (21 vs 124 images/s measured here).
 MEMORY_THREADS = 1

@@ -3,6 +3,7 @@ the wall time of a full greedy run against a naive greedy.
 
     python -m benchmarks.bench_greedy --part curves  [--score-images 1000 --eval-images 1000]
     python -m benchmarks.bench_greedy --part timing
+    python -m benchmarks.bench_greedy --part ft-reference  [same split and fine-tuning flags]
 
 Scores come from one seeded half of the CIFAR-10 test images (MNIST test digits for LeNet-5),
 hold-out accuracy from the other half, as in the paper. Outputs in out/bench/greedy/: one CSV
@@ -109,11 +110,7 @@ def _finetuned_points(model, layer, car, score, hold, train, args):
 
     def at(kept: int) -> float:
         if kept not in done:
-            removed = car.removed[: n - kept]
-            pruned = cp.prune_filters(model, layer, removed) if removed else cp.surgery.copy_model(model)
-            cp.finetune(pruned, layer, cp.FineTune(train_data=train, iters=args.ft_iters,
-                                                   batch_size=args.ft_batch), progress=False)
-            done[kept] = cp.score_layer(pruned, layer, hold, filters=[], progress=False).base_accuracy
+            done[kept] = _finetuned_accuracy(model, layer, car.removed[: n - kept], train, hold, args)
             print(f"   fine-tuned at {kept}/{n} filters: hold-out {100 * done[kept]:.2f} %", flush=True)
         return done[kept]
 
@@ -129,6 +126,35 @@ def _finetuned_points(model, layer, car, score, hold, train, args):
     if hi not in done:  # the CAR-only point itself, fine-tuned, for the table's accuracy
         at(hi)
     return sorted(done.items(), reverse=True)
+
+
+def _finetuned_accuracy(model, layer, removed, train, hold, args) -> float:
+    """Hold-out accuracy after removing `removed` from `layer` and the paper's fine-tuning."""
+    pruned = cp.prune_filters(model, layer, removed) if removed else cp.surgery.copy_model(model)
+    cp.finetune(pruned, layer, cp.FineTune(train_data=train, iters=args.ft_iters,
+                                           batch_size=args.ft_batch), progress=False)
+    return cp.score_layer(pruned, layer, hold, filters=[], progress=False).base_accuracy
+
+
+def ft_reference(args) -> None:
+    """The unpruned network fine-tuned with the same schedule as each layer's CAR + fine-tune
+    points: how much of their accuracy comes from fine-tuning itself (e.g. adapting to the
+    JPEG-compressed CIFAR-10 images) rather than from what pruning kept."""
+    out = Path(args.out) if args.out else OUT / "greedy"
+    out.mkdir(parents=True, exist_ok=True)
+    lines = ["| net | layer | original hold-out | unpruned, fine-tuned as for this layer |",
+             "|---|---|---:|---:|"]
+    for net, model, layers, _, hold, train in _models_and_data(args.score_images, args.eval_images):
+        if args.nets and net not in args.nets:
+            continue
+        base = cp.score_layer(model, layers[0], hold, filters=[], progress=False).base_accuracy
+        for layer in layers:
+            if args.layers and layer not in args.layers:
+                continue
+            acc = _finetuned_accuracy(model, layer, [], train, hold, args)
+            lines.append(f"| {net} | {layer} | {100 * base:.1f} % | {100 * acc:.1f} % |")
+            print(lines[-1], flush=True)
+            (out / "ft_reference.md").write_text("\n".join(lines) + "\n")
 
 
 def _table1(net, layer, runs, ft):
@@ -271,7 +297,7 @@ def naive_counts_masked(model, removed, alive, x, y, batch=100):
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--part", choices=["curves", "timing"], required=True)
+    ap.add_argument("--part", choices=["curves", "timing", "ft-reference"], required=True)
     ap.add_argument("--score-images", type=int, default=1000)
     ap.add_argument("--eval-images", type=int, default=1000)
     ap.add_argument("--seeds", type=int, default=10)
@@ -283,7 +309,7 @@ def main() -> None:
     ap.add_argument("--ft-batch", type=int, default=64)
     ap.add_argument("--naive-steps", type=int, default=2)
     args = ap.parse_args()
-    (curves if args.part == "curves" else timing)(args)
+    {"curves": curves, "timing": timing, "ft-reference": ft_reference}[args.part](args)
 
 
 if __name__ == "__main__":

@@ -26,7 +26,7 @@ from torch import nn
 from . import criteria, preempt, surgery
 from .cost import count_cost
 from .data.batches import DataLike, num_items
-from .engine import LayerScorer
+from .engine import LayerScorer, parse_bytes
 from .finetune import FineTune, finetune
 from .io import read_json, write_json
 from .results import PrunedModelResult
@@ -172,12 +172,14 @@ def compress_layer(
     if lazy and criterion != "car":
         raise ValueError("lazy re-scoring applies to the 'car' criterion only")
     show = sys.stderr.isatty() if progress is None else progress
+    # the score and hold-out scorers live side by side for the whole run: they share the budget
+    share = parse_bytes(memory_budget) // (1 if eval_data is None else 2)
     scorer = LayerScorer(model, layer, score_data, num_images=score_images, seed=seed,
-                         memory_budget=memory_budget, dtype=dtype, progress=False)
+                         memory_budget=share, dtype=dtype, progress=False)
     holdout = None
     if eval_data is not None:
         holdout = LayerScorer(model, layer, eval_data, num_images=eval_images, seed=seed,
-                              memory_budget=memory_budget, dtype=dtype, progress=False)
+                              memory_budget=share, dtype=dtype, progress=False)
     if scorer_wrapper is not None:
         scorer = scorer_wrapper(scorer)
     n = scorer.num_filters
@@ -263,7 +265,8 @@ def compress_layer(
     result = CompressionResult(layer=layer, criterion=criterion, num_filters=n, removed=removed,
                                kept=kept, trajectory=trajectory, config=config, model=pruned)
     if finetune is not None:
-        _finetune_and_evaluate(result, finetune, eval_data, eval_images, seed, show)
+        del tracker, scorer, holdout  # release the cached activations before fine-tuning
+        _finetune_and_evaluate(result, finetune, eval_data, eval_images, seed, show, memory_budget)
     return result
 
 
@@ -304,9 +307,9 @@ def _car_pick(scorer, alive: list[int], k: int, lazy: bool, stale: dict[int, flo
 
 
 def _finetune_and_evaluate(result: CompressionResult, cfg: FineTune, eval_data, eval_images, seed,
-                           show) -> None:
+                           show, memory_budget) -> None:
     finetune(result.model, result.layer, cfg, progress=show)
     if eval_data is not None:
         s = LayerScorer(result.model, result.layer, eval_data, num_images=eval_images, seed=seed,
-                        progress=False).score([])
+                        memory_budget=memory_budget, progress=False).score([])
         result.finetuned_holdout_accuracy = s.base_accuracy
