@@ -271,6 +271,18 @@ def test_fillers_round_trip_with_narrow_indices(resnet20, tmp_path):
     assert int((w != 0).sum()) == r.nonzeros and w.unique().numel() <= 17
 
 
+def test_small_layer_gets_no_more_clusters_than_weights(resnet20, tmp_path):
+    """The stem (432 weights, 43 kept) asked for 8 bits gets 5: 32 shared values <= 43 weights,
+    so the codebook no longer outweighs the layer; it still decodes bit for bit."""
+    out = dc.deep_compress(resnet20, layers=["conv1"], prune=0.9, bits=8)
+    r = out.report.layer("conv1")
+    assert r.nonzeros == 43 and r.bits == 5 and r.codebook_bits == 32 * 32
+    assert r.bytes_after < r.bytes_before
+    dc.save_compressed(out, tmp_path / "s.cpz")
+    w = dc.load_compressed(tmp_path / "s.cpz", cp.models.resnet_cifar(20)).conv1.weight
+    assert torch.equal(w, out.model.conv1.weight) and w[w != 0].unique().numel() <= 32
+
+
 # ----------------------------------------------------------------------------- corruption
 
 

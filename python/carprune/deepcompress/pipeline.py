@@ -556,6 +556,9 @@ def deep_compress(
     positions, codebooks, labels = {}, {}, {}
     for n, w in weights.items():
         positions[n] = masks[n].reshape(-1).nonzero().squeeze(1)
+        # no more shared values than surviving weights: in a small layer (a 3-channel stem, a
+        # CAR-narrowed conv) a 2**bits codebook would outweigh the weights it encodes
+        bits_of[n] = min(bits_of[n], max(1, int(positions[n].numel()).bit_length() - 1))
         codebooks[n], labels[n] = quantize_weight(w, masks[n], bits_of[n], kmeans_iters)
         write_shared(w, positions[n], codebooks[n], labels[n])
     seconds["quantize"] = time.perf_counter() - t0
