@@ -224,12 +224,16 @@ def table2_markdown(rows: Sequence[Table2Row], note: str) -> str:
     return "\n".join([*md, "", note]) + "\n"
 
 
+def pretrained_resnet20() -> nn.Module:
+    return cp.models.load_checkpoint(
+        cp.models.resnet_cifar(20), DATA / "models" / "resnet20-12fca82f.th"
+    )
+
+
 def bench_resnet_file(out: Path) -> dict[str, Any]:
     """The whole pretrained ResNet-20 through Deep Compression's defaults, without fine-tuning:
     file size, ratio, and the time to encode and to decode it (the issue asks under 1 s)."""
-    original = cp.models.load_checkpoint(
-        cp.models.resnet_cifar(20), DATA / "models" / "resnet20-12fca82f.th"
-    )
+    original = pretrained_resnet20()
     t = time.perf_counter()
     res = dc.deep_compress(original)
     compress = time.perf_counter() - t
@@ -284,9 +288,7 @@ def bench_resnet(
 ) -> list[Table2Row]:
     """Table 2: with `max_drop`, CAR first shrinks each layer (scored on `score_n` test images
     disjoint from the `eval_n` hold-out ones); Deep Compression then compresses that layer."""
-    original = cp.models.load_checkpoint(
-        cp.models.resnet_cifar(20), DATA / "models" / "resnet20-12fca82f.th"
-    )
+    original = pretrained_resnet20()
     cifar = DATA / "cifar10-jpeg.tar.gz"
     test = cp.data.cifar10(cifar, "test")
     car_models = None

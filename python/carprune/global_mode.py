@@ -62,9 +62,11 @@ class GlobalStep:
 
 @dataclass
 class GlobalCompressionResult(PrunedModelResult):
+    """The outcome of a global run: per-step choices across layers, removed filters, the model."""
 
     FORMAT: ClassVar[str] = "carprune.GlobalCompressionResult"
     VERSION: ClassVar[int] = 1
+
     layers: list[str]
     flops_target: float
     trajectory: list[GlobalStep]
@@ -74,9 +76,6 @@ class GlobalCompressionResult(PrunedModelResult):
     base_holdout_accuracy: float | None
     config: dict[str, Any] = field(default_factory=dict)
     model: nn.Module | None = field(default=None, repr=False)
-
-    def to_dict(self) -> dict[str, Any]:
-        return {k: v for k, v in asdict(self).items() if k != "model"}
 
     @classmethod
     def from_dict(cls, obj: dict[str, Any], model: nn.Module | None) -> GlobalCompressionResult:

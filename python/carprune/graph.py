@@ -145,7 +145,7 @@ def reachable(node: fx.Node, downstream: bool = True) -> set[fx.Node]:
 
 def find_cut(gm: fx.GraphModule, layer: str) -> Cut:
     """The point after `layer`'s channel-wise followers where its filters' outputs are consumed."""
-    node = conv_call(gm, layer)
+    conv_node = node = conv_call(gm, layer)
     conv = gm.get_submodule(layer)
     chain: list[str] = []
     while len(node.users) == 1:
@@ -160,7 +160,7 @@ def find_cut(gm: fx.GraphModule, layer: str) -> Cut:
                        "output itself, so no filter can be removed without changing the output size")
     if not node.users:
         raise CutError(f"layer {layer!r} has no valid cut: its output is never used")
-    return Cut(layer=layer, conv=conv, conv_node=conv_call(gm, layer), node=node, chain=chain)
+    return Cut(layer=layer, conv=conv, conv_node=conv_node, node=node, chain=chain)
 
 
 @dataclass

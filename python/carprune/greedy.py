@@ -79,12 +79,6 @@ class CompressionResult(PrunedModelResult):
                 return s.step
         return None
 
-    def to_dict(self) -> dict[str, Any]:
-        return {"layer": self.layer, "criterion": self.criterion,
-                "num_filters": self.num_filters, "removed": self.removed, "kept": self.kept,
-                "config": self.config, "finetuned_holdout_accuracy": self.finetuned_holdout_accuracy,
-                "trajectory": [asdict(s) for s in self.trajectory]}
-
     @classmethod
     def from_dict(cls, obj: dict[str, Any], model: nn.Module | None) -> CompressionResult:
         return cls(layer=obj["layer"], criterion=obj["criterion"], num_filters=obj["num_filters"],

@@ -4,6 +4,7 @@ stored as weights plus a kept-channel JSON (rebuilt from the original architectu
 from __future__ import annotations
 
 import os
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any, ClassVar
 
@@ -14,15 +15,16 @@ from .io import read_json, write_json
 
 
 class PrunedModelResult:
-    """Mixin for dataclasses with a `model` field: subclasses name their FORMAT and VERSION,
-    and turn themselves to and from a JSON-ready dict (without the model)."""
+    """Mixin for dataclasses with a `model` field: subclasses name their FORMAT and VERSION and
+    rebuild themselves from the JSON dict (`from_dict`)."""
 
     FORMAT: ClassVar[str]
     VERSION: ClassVar[int]
     model: nn.Module | None
 
     def to_dict(self) -> dict[str, Any]:
-        raise NotImplementedError
+        """Every dataclass field but the model (nested dataclasses become dicts)."""
+        return {k: v for k, v in asdict(self).items() if k != "model"}
 
     @classmethod
     def from_dict(cls, obj: dict[str, Any], model: nn.Module | None):

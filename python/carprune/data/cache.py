@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import hashlib
 import os
-import tempfile
 from pathlib import Path
 
 import numpy as np
+
+from ..io import atomic_open
 
 
 def cache_dir() -> Path:
@@ -28,12 +29,5 @@ def source_key(path: Path, *extra: str) -> str:
 
 def atomic_save_npz(path: Path, **arrays: np.ndarray) -> None:
     """Write an .npz through a temporary file and a rename: never a half-written cache."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".tmp.npz")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            np.savez(f, **arrays)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    with atomic_open(path) as f:
+        np.savez(f, **arrays)
