@@ -7,6 +7,7 @@ preemption tests run the real `python -m carprune` in a subprocess, as a batch s
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import shutil
@@ -524,3 +525,48 @@ def test_slurm_scripts_parse_and_use_the_documented_exit_codes(script):
     assert "carprune" in text
     if "scontrol requeue" in text:
         assert "75)" in text or "preempted)" in text  # requeue only a checkpointed run
+
+
+# -- first-hour rough edges (issue 10) ------------------------------------------------------------
+def test_a_file_that_is_no_checkpoint_is_named_without_unsafe_advice(tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    junk = tmp_path / "weights.th"
+    junk.write_bytes(np.random.default_rng(0).integers(0, 256, 4096, dtype=np.uint8).tobytes())
+    # a pickled object (not a tensor): torch's refusal carries advice to disable weights_only
+    torch.save(argparse.Namespace(a=1), tmp_path / "object.th")
+    for path, needle in ((junk, "is not a PyTorch checkpoint, or it is corrupt"),
+                         (tmp_path / "object.th", "holds a Python object")):
+        code = cli.main(["score", "--model", "lenet5", "--weights", str(path), "--data", str(MNIST),
+                         "--out", "o", "--layer", "conv1", "--progress", "none"])
+        err = capsys.readouterr().err
+        assert code == cli.EXIT_USAGE and needle in err and str(path) in err, err
+        assert "weights_only" not in err and "Traceback" not in err
+
+
+def test_an_out_that_cannot_be_created_is_a_usage_error(tmp_path, capsys):
+    blocker = tmp_path / "file"
+    blocker.write_text("x")
+    for out, needle in ((blocker, "exists and is not a directory"),
+                        (blocker / "sub", "cannot create the output directory"),
+                        (Path("/proc/carprune-out"), "cannot create the output directory")):
+        code = cli.main(["score", "--model", "lenet5", "--data", str(MNIST), "--out", str(out),
+                         "--layer", "conv1", "--progress", "none"])
+        err = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
+        assert code == cli.EXIT_USAGE and len(err) == 1 and needle in err[0], err
+
+
+def test_a_failed_check_leaves_no_checkpoint_sidecar(tmp_path, lenet_weights, mnist_npz, capsys):
+    out = tmp_path / "o"
+    code = cli.main(["compress", *lenet_args(lenet_weights, mnist_npz, out, "--layer", "conv1",
+                                             "--keep", "500")])
+    assert code == cli.EXIT_USAGE
+    assert sorted(p.name for p in out.iterdir()) == ["run.json"], list(out.iterdir())
+
+
+def test_help_lists_the_choices(capsys):
+    for cmd, flag, choices in (("compress", "--criterion", cli.CRITERIA),
+                               ("score", "--dtype", tuple(cli.DTYPES)),
+                               ("score", "--progress", ("auto", "bar", "log", "none"))):
+        assert cli.main([cmd, "--help"]) == 0
+        text = " ".join(capsys.readouterr().out.split())
+        assert f"(one of: {', '.join(choices)})" in text, (cmd, flag)

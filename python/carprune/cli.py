@@ -34,6 +34,7 @@ from .graph import CutError
 from .io import read_json, write_json
 from .logging_utils import MODES, StepLogger, format_seconds, heartbeat, log, resolve_mode, setup_logging
 from .scores import LayerScores
+from .threads import resolve_threads
 
 EXIT_OK = 0
 EXIT_FAILED = 1
@@ -62,8 +63,10 @@ def _common(out_required: bool = True, out_default: str | None = None) -> list[O
                metavar="DIR"),
         Option("seed", "int", 0, "seed of the random image subsets and of training"),
         Option("device", "str", "auto", "cpu, cuda, cuda:N or auto (this rank's GPU if any)"),
-        Option("threads", "int", None, "torch CPU threads (default: torch's choice; 1 per rank "
-               "under torchrun)"),
+        Option("threads", "int_or_auto", "auto", "torch CPU threads: a number, or auto = the usable cores "
+               "that are idle when the command starts (sampled for 0.25 s; on a shared node this "
+               "keeps the run from waiting on cores other processes hold). Under torchrun: 1 per "
+               "rank unless set"),
         Option("progress", "str", "auto", "auto: bars on a terminal, log lines otherwise",
                choices=MODES),
         Option("log_interval", "float", 60.0, "seconds between 'still running' log lines in log "
@@ -197,7 +200,21 @@ def command_options() -> dict[str, list[Option]]:
         ],
         "layers": [Option(o.name, o.kind, o.default, o.help, o.choices, False, o.metavar)
                    for o in _common(out_required=False) if o.name in ("log_level",)] + MODEL_OPTS,
+        **{name: options() for name, options in EXTRA_OPTIONS.items()},
     }
+
+
+# Commands written in their own module under carprune/commands/ (one module per command): each
+# defines NAME, HELP, options() -> list[Option] and run(settings, ctx, run, mode) -> exit code,
+# and is registered with `register_command` at the end of this module.
+EXTRA_OPTIONS: dict[str, Callable[[], list[Option]]] = {}
+
+
+def register_command(module: Any) -> None:
+    """Add the subcommand defined by `module` (NAME, HELP, options, run) to the command line."""
+    EXTRA_OPTIONS[module.NAME] = module.options
+    HELP[module.NAME] = module.HELP
+    COMMANDS[module.NAME] = module.run
 
 
 HELP = {
@@ -232,7 +249,8 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--config", metavar="FILE", default=None, help="TOML file of settings "
                        "(flags override it)")
         for o in opts:
-            text = o.help + (f" (default: {o.default})" if o.default not in (None, False) else "")
+            text = o.help + (f" (one of: {', '.join(map(str, o.choices))})" if o.choices else "")
+            text += f" (default: {o.default})" if o.default not in (None, False) else ""
             if o.required:
                 text += " [required]"
             if name == "report" and o.name == "inputs":
@@ -466,6 +484,10 @@ def save_result(result: Any, out: Path) -> None:
         shutil.rmtree(tmp, ignore_errors=True)
 
 
+def _sidecar(ckpt: Path) -> Path:
+    return ckpt.with_name(ckpt.name + ".settings.json")
+
+
 def _checkpoint_for_rank(ckpt: Path, basis: Mapping[str, Any], ctx: distributed.Context
                          ) -> tuple[Path, Path | None]:
     """The checkpoint path this rank passes to compress_layer.
@@ -475,7 +497,7 @@ def _checkpoint_for_rank(ckpt: Path, basis: Mapping[str, Any], ctx: distributed.
     rerun with other files is refused instead of resuming someone else's trajectory. Other ranks
     get a private copy of the checkpoint (broadcast, so no shared file system is needed), which
     they may write freely."""
-    side = ckpt.with_name(ckpt.name + ".settings.json")
+    side = _sidecar(ckpt)
     fp = _digest(basis)
     msg, text = None, None
     if ctx.is_main:
@@ -520,6 +542,7 @@ def cmd_compress(s: dict[str, Any], ctx: distributed.Context, run: Run, mode: st
     basis = {k: s.get(k) for k in COMPRESS_KEYS}
     basis.update(weights=_file_id(s.get("weights")), data=_file_id(s["data"]))
     ckpt = Path(s["checkpoint"]) if s.get("checkpoint") else out / "checkpoint.json"
+    side_existed = _sidecar(ckpt).exists()
     my_ckpt, private = _checkpoint_for_rank(ckpt, basis, ctx)
     if ctx.is_main and my_ckpt.exists():
         log.info("resuming from %s", my_ckpt)
@@ -539,6 +562,11 @@ def cmd_compress(s: dict[str, Any], ctx: distributed.Context, run: Run, mode: st
             score_images=s.get("num_images"), eval_images=s.get("eval_images"), finetune=ft,
             checkpoint=my_ckpt, lazy=s["lazy"], seed=s["seed"], memory_budget=s.get("memory_budget"),
             dtype=DTYPES[s["dtype"]], progress=mode == "bar" and ctx.is_main, scorer_wrapper=wrap)
+    except BaseException:
+        # a run that failed before its first checkpoint leaves no sidecar describing none
+        if ctx.is_main and not side_existed and not ckpt.exists():
+            _sidecar(ckpt).unlink(missing_ok=True)
+        raise
     finally:
         if private is not None:
             shutil.rmtree(private, ignore_errors=True)
@@ -935,6 +963,19 @@ def _interrupt_on_sigterm() -> None:
         signal.signal(signal.SIGTERM, handler)
 
 
+def _check_out(out: Path) -> None:
+    """--out must be a directory this process can create and write in; say so before any work."""
+    if out.exists() and not out.is_dir():
+        raise ConfigError(f"--out {out}: exists and is not a directory")
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise ConfigError(f"--out {out}: cannot create the output directory "
+                          f"({exc.strerror or type(exc).__name__})") from None
+    if not os.access(out, os.W_OK | os.X_OK):
+        raise ConfigError(f"--out {out}: the output directory is not writable")
+
+
 def threading_is_main() -> bool:
     import threading
 
@@ -961,8 +1002,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         if world > 1 and cmd not in DISTRIBUTED:
             raise ConfigError(f"'{cmd}' runs in one process; only {' and '.join(DISTRIBUTED)} run "
                               "under torchrun")
-        if s.get("threads"):
-            torch.set_num_threads(s["threads"])
+        threads = s.get("threads")
+        if world > 1 and threads == "auto":
+            threads = None  # torchrun sets OMP_NUM_THREADS=1 per rank
+        threads = resolve_threads(threads)
+        if threads:
+            torch.set_num_threads(threads)
+            log.debug("%d CPU threads", threads)
         ctx = distributed.init_from_env(s.get("device", "auto"))
         mode = resolve_mode(s.get("progress", "auto"), ctx.rank)
         setup_logging(mode, ctx.rank, ctx.world_size, s.get("log_level", "info"))
@@ -971,6 +1017,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         else:
             _interrupt_on_sigterm()
         if s.get("out") and cmd != "layers":
+            _check_out(Path(s["out"]))
             run = Run(cmd, s, ctx, argv)
             run.write()
         code = COMMANDS[cmd](s, ctx, run, mode)
@@ -999,3 +1046,6 @@ def main(argv: Sequence[str] | None = None) -> int:
         return EXIT_FAILED
     finally:
         ctx.close()
+
+
+# -- commands in their own modules (imported last: they build on the pieces above) ---------------

@@ -35,8 +35,8 @@ class ConfigError(ValueError):
     """A setting is missing, unknown or malformed; the message names it and where it came from."""
 
 
-KINDS = ("str", "int", "float", "number", "bool", "path", "paths", "model", "floats", "ints", "strs",
-         "spec", "iters", "table")
+KINDS = ("str", "int_or_auto", "int", "float", "number", "bool", "path", "paths", "model", "floats",
+         "ints", "strs", "spec", "iters", "table")
 
 
 @dataclass(frozen=True)
@@ -111,6 +111,18 @@ def _convert(opt: Option, value: Any, base: Path | None) -> Any:
     k = opt.kind
     if value is None:
         return None
+    if k == "int_or_auto":
+        if isinstance(value, str) and value.strip().lower() == "auto":
+            return "auto"
+        if isinstance(value, bool) or not isinstance(value, (int, str)):
+            raise TypeError(f"expected a positive integer or 'auto', got {value!r}")
+        try:
+            n = int(value)
+        except ValueError:
+            raise TypeError(f"expected a positive integer or 'auto', got {value!r}") from None
+        if n < 1:
+            raise TypeError(f"expected a positive integer or 'auto', got {value!r}")
+        return n
     if k == "str":
         if not isinstance(value, str):
             raise TypeError(f"expected a string, got {value!r}")

@@ -23,8 +23,9 @@ import torch.nn.functional as F
 from torch import fx, nn
 
 from . import _ops, graph
-from .data.batches import DataLike, class_names, load_batch, num_items, pick_indices
+from .data.batches import DataLike, class_names, load_batch, num_items, pick_indices, resolve
 from .fold import fold_conv_bn
+from .logging_utils import log
 from .scores import LayerScores
 
 DEFAULT_MEMORY_BUDGET = 2 * 2**30
@@ -113,6 +114,7 @@ class LayerScorer:
         fused: bool = True,
         rows: int | None = None,
         progress: bool | None = None,
+        classes: Sequence[str] | None = None,
     ) -> None:
         if dtype not in (torch.float32, torch.float64):
             raise ValueError(f"dtype must be torch.float32 or torch.float64, got {dtype}")
@@ -125,6 +127,10 @@ class LayerScorer:
         self.topk = topk
         self.layer = layer
         self.budget = parse_bytes(memory_budget)
+        if model.training:
+            log.warning("%s is in train mode: it is scored in eval mode (BatchNorm running "
+                        "statistics, no dropout); call model.eval() first to make that explicit",
+                        type(model).__name__)
         self.progress = sys.stderr.isatty() if progress is None else progress
         gm = graph.trace(model).to(device=self.device, dtype=dtype)
         self.cut = graph.find_cut(gm, layer)
@@ -136,7 +142,8 @@ class LayerScorer:
         fold_conv_bn(self.split.tail)
         self.num_filters = self.cut.num_filters
         self.removed: list[int] = []
-        self.data = data
+        self.data = resolve(data)
+        self._classes = classes
         self.indices = pick_indices(num_items(data), num_images, seed)
         if self.fused is not None:
             conv = self.fused.conv
@@ -184,7 +191,7 @@ class LayerScorer:
             raise ValueError("the model must return logits [batch, classes], got "
                              f"{type(logits).__name__} {getattr(logits, 'shape', '')}")
         self.num_classes = int(logits.shape[1])
-        self.classes = class_names(self.data, self.num_classes)
+        self.classes = class_names(self.data, self.num_classes, self._classes)
         tail_row = sum(_bytes_per_row(t) for t in inputs) + trec.total_bytes
         self.rows = rows or _rows_for(max(trec.max_bytes, _bytes_per_row(inputs[0])), tail_row,
                                       self.budget // 4)
@@ -399,15 +406,19 @@ def score_layer(
     fused: bool = True,
     rows: int | None = None,
     progress: bool | None = None,
+    classes: Sequence[str] | None = None,
 ) -> LayerScores:
     """CAR (and class-wise CAR_c) of every filter of conv `layer` of `model` on `data`.
 
     `num_images` takes a seeded random subset; `removed` filters count as already gone;
     `memory_budget` (bytes or '2GiB') bounds the cached activations and each tail batch.
+    `data` is any `carprune.data.batches.DataLike` (a Dataset, Subset, DataLoader, or an
+    (images, labels) pair of tensors or numpy arrays); `classes` names the classes when the data
+    does not.
     """
     scorer = LayerScorer(model, layer, data, num_images=num_images, seed=seed,
                          memory_budget=memory_budget, device=device, dtype=dtype, topk=topk,
-                         fused=fused, rows=rows, progress=progress)
+                         fused=fused, rows=rows, progress=progress, classes=classes)
     if removed:
         scorer.remove(removed)
     return scorer.score(filters)

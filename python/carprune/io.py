@@ -1,5 +1,5 @@
-"""Atomic file writes: results are written to a temporary file and renamed, so an interrupted
-run never leaves a half-written file under the final name."""
+"""Atomic file writes (results are written to a temporary file and renamed, so an interrupted
+run never leaves a half-written file under the final name) and safe reading of torch files."""
 
 from __future__ import annotations
 
@@ -59,3 +59,37 @@ def read_json(path: str | os.PathLike, what: str = "file") -> Any:
         return json.loads(path.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise ValueError(f"{what} {path} is not valid JSON ({exc})") from exc
+
+
+def read_tensor_file(path: str | os.PathLike, what: str = "checkpoint") -> Any:
+    """The contents of a file written by ``torch.save``, read with ``weights_only=True`` (tensors,
+    containers and plain values only: nothing in the file is executed).
+
+    A file that is not a torch file, or is corrupt, or holds other Python objects raises
+    ValueError naming the file; torch's own advice to retry with ``weights_only=False`` (which
+    would run code from the file) is never passed on.
+    """
+    import pickle
+    import zipfile
+
+    import torch
+
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{what} not found: {path}")
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as exc:
+        text = str(exc)
+        marker = "Unsupported global: GLOBAL "
+        if marker in text:
+            name = text.split(marker, 1)[1].split()[0]
+            raise ValueError(
+                f"{what} {path} holds a Python object ({name}) besides tensors; carprune reads only "
+                "tensors, never code. Save the weights as a state dict: "
+                "torch.save(model.state_dict(), path)") from None
+        raise ValueError(f"{what} {path} is not a PyTorch checkpoint, or it is corrupt") from None
+    except (RuntimeError, EOFError, OSError, ValueError, zipfile.BadZipFile, KeyError,
+            AttributeError, TypeError) as exc:
+        raise ValueError(f"{what} {path} is not a PyTorch checkpoint, or it is corrupt "
+                         f"({type(exc).__name__})") from None

@@ -35,7 +35,7 @@ import torch.nn.functional as F
 from torch import fx, nn
 
 from . import graph
-from .io import atomic_open, read_json, write_json
+from .io import atomic_open, read_json, read_tensor_file, write_json
 
 STRUCTURE_FORMAT = "carprune.PrunedStructure"
 STRUCTURE_VERSION = 1
@@ -480,11 +480,7 @@ def load_pruned(directory: str | os.PathLike, architecture: nn.Module) -> nn.Mod
     wpath = d / WEIGHTS_FILE
     if not wpath.is_file():
         raise FileNotFoundError(f"pruned-model weights not found: {wpath}")
-    try:
-        state = torch.load(wpath, map_location="cpu", weights_only=True)
-    except Exception as exc:
-        raise ValueError(f"pruned-model weights {wpath} cannot be read ({type(exc).__name__}: "
-                         f"{str(exc).splitlines()[0] if str(exc) else ''})") from exc
+    state = read_tensor_file(wpath, "pruned-model weights")
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
         raise ValueError(f"pruned-model weights {wpath} do not hold a state_dict of tensors")
     already = kept_channels(architecture)

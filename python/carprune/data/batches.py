@@ -1,21 +1,64 @@
-"""Uniform batch access to the datasets users pass: our ImageArrayDataset (vectorised), a pair of
-tensors (images, labels), or any map-style torch Dataset of (image, label) items."""
+"""Uniform batch access to the data users pass: our ImageArrayDataset (vectorised), a pair
+(images, labels) of tensors or numpy arrays, any map-style torch Dataset of (image, label) items
+(a Subset or ConcatDataset of one included), or a DataLoader over any of these.
+
+A DataLoader is read through its dataset by index: scoring picks its own seeded subset, so the
+loader's batch size, sampler and shuffling do not matter. A loader with its own collate_fn, or
+over an IterableDataset, is iterated once and held in memory as a pair of tensors.
+"""
 
 from __future__ import annotations
 
+import weakref
 from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
 import torch
+from torch.utils.data import ConcatDataset, DataLoader, IterableDataset, Subset
+from torch.utils.data._utils.collate import default_collate
 
+from ..logging_utils import log
 from .arrays import ImageArrayDataset
 
-DataLike = Any  # ImageArrayDataset | tuple[Tensor, Tensor] | torch.utils.data.Dataset
+DataLike = Any  # ImageArrayDataset | (images, labels) | torch Dataset | DataLoader
+
+_MATERIALISED: weakref.WeakKeyDictionary[DataLoader, tuple[torch.Tensor, torch.Tensor]] = \
+    weakref.WeakKeyDictionary()
+
+
+def _is_pair(data: Any) -> bool:
+    return (isinstance(data, (tuple, list)) and len(data) == 2
+            and all(isinstance(t, (torch.Tensor, np.ndarray)) for t in data))
+
+
+def resolve(data: DataLike) -> DataLike:
+    """`data` in a form read by index: a DataLoader becomes its dataset (or, with a custom
+    collate_fn or an IterableDataset, the tensors it yields, read once); a numpy pair becomes a
+    tensor pair (without copying). Other data is returned as it is."""
+    if isinstance(data, DataLoader):
+        if not isinstance(data.dataset, IterableDataset) and data.collate_fn is default_collate:
+            return resolve(data.dataset)
+        if data not in _MATERIALISED:
+            xs, ys = [], []
+            for batch in data:
+                if not (isinstance(batch, (tuple, list)) and len(batch) >= 2):
+                    raise TypeError("DataLoader batches must be (images, labels), got "
+                                    f"{type(batch).__name__}")
+                xs.append(torch.as_tensor(batch[0]))
+                ys.append(torch.as_tensor(batch[1]))
+            if not xs:
+                raise ValueError("the DataLoader yields no batches: nothing to read")
+            _MATERIALISED[data] = (torch.cat(xs), torch.cat(ys).long())
+        return _MATERIALISED[data]
+    if _is_pair(data) and any(isinstance(t, np.ndarray) for t in data):
+        return tuple(torch.from_numpy(t) if isinstance(t, np.ndarray) else t for t in data)
+    return data
 
 
 def num_items(data: DataLike) -> int:
-    if isinstance(data, tuple) and len(data) == 2 and isinstance(data[0], torch.Tensor):
+    data = resolve(data)
+    if _is_pair(data):
         if data[0].shape[0] != data[1].shape[0]:
             raise ValueError(f"images and labels differ in length: {data[0].shape[0]} vs "
                              f"{data[1].shape[0]}")
@@ -23,16 +66,17 @@ def num_items(data: DataLike) -> int:
     try:
         return len(data)
     except TypeError as exc:
-        raise TypeError(f"data must be a Dataset of (image, label) or a tuple (images, labels), "
-                        f"got {type(data).__name__}") from exc
+        raise TypeError("data must be a Dataset of (image, label) items, a DataLoader, or a pair "
+                        f"(images, labels) of tensors or arrays, got {type(data).__name__}") from exc
 
 
 def load_batch(data: DataLike, indices: np.ndarray | Sequence[int]) -> tuple[torch.Tensor, torch.Tensor]:
     """Images [n, ...] float and labels [n] int64 for `indices`."""
     idx = np.asarray(indices, dtype=np.int64)
+    data = resolve(data)
     if isinstance(data, ImageArrayDataset):
         return data.batch(idx)
-    if isinstance(data, tuple) and len(data) == 2 and isinstance(data[0], torch.Tensor):
+    if _is_pair(data):
         t = torch.from_numpy(idx)
         return data[0][t], torch.as_tensor(data[1])[t].long()
     xs, ys = [], []
@@ -49,10 +93,31 @@ def load_batch(data: DataLike, indices: np.ndarray | Sequence[int]) -> tuple[tor
     return x, torch.tensor(ys, dtype=torch.int64)
 
 
-def class_names(data: DataLike, num_classes: int) -> list[str]:
+def dataset_classes(data: DataLike) -> list[str] | None:
+    """The class names `data` carries (``.classes``), looking through DataLoaders, Subsets and
+    ConcatDatasets whose parts agree; None when there are none."""
     names = getattr(data, "classes", None)
-    if names is not None and len(names) == num_classes:
+    if names is not None:
         return [str(c) for c in names]
+    if isinstance(data, DataLoader | Subset):
+        return dataset_classes(data.dataset)
+    if isinstance(data, ConcatDataset) and data.datasets:
+        parts = [dataset_classes(d) for d in data.datasets]
+        return parts[0] if all(p == parts[0] for p in parts) else None
+    return None
+
+
+def class_names(data: DataLike, num_classes: int, classes: Sequence[str] | None = None) -> list[str]:
+    """Names of the `num_classes` classes: `classes` if given, else those `data` carries, else
+    the label numbers."""
+    if classes is not None:
+        if len(classes) != num_classes:
+            raise ValueError(f"classes names {len(classes)} classes but the model has "
+                             f"{num_classes} outputs")
+        return [str(c) for c in classes]
+    names = dataset_classes(data)
+    if names is not None and len(names) == num_classes:
+        return names
     return [str(c) for c in range(num_classes)]
 
 
@@ -60,9 +125,12 @@ def pick_indices(n_total: int, num_images: int | None, seed: int) -> np.ndarray:
     """All indices, or a seeded random subset of `num_images` (sorted, for locality)."""
     if n_total == 0:
         raise ValueError("the dataset is empty: nothing to score")
-    if num_images is None or num_images >= n_total:
-        return np.arange(n_total, dtype=np.int64)
-    if num_images <= 0:
+    if num_images is not None and num_images <= 0:
         raise ValueError(f"num_images must be positive, got {num_images}")
+    if num_images is None or num_images >= n_total:
+        if num_images is not None and num_images > n_total:
+            log.warning("num_images=%d but the data holds %d images: using all %d",
+                        num_images, n_total, n_total)
+        return np.arange(n_total, dtype=np.int64)
     rng = np.random.default_rng(seed)
     return np.sort(rng.choice(n_total, size=num_images, replace=False)).astype(np.int64)

@@ -8,6 +8,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from ..io import read_tensor_file
+
 
 def read_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
     """The tensors of a checkpoint file: a plain state dict, or one under 'state_dict'/'model'.
@@ -15,12 +17,7 @@ def read_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
     A 'module.' prefix (from DataParallel) is stripped.
     """
     path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"checkpoint not found: {path}")
-    try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:
-        raise ValueError(f"checkpoint {path} is not a readable torch file ({exc})") from exc
+    obj = read_tensor_file(path, "checkpoint")
     for key in ("state_dict", "model"):
         if isinstance(obj, dict) and isinstance(obj.get(key), dict):
             obj = obj[key]
