@@ -36,13 +36,28 @@ if [ "$(id -u)" -ne 0 ]; then
     fi
 fi
 
-echo "chromium not found: installing Debian's chromium package with apt-get"
-$SUDO apt-get update -qq
-if ! apt-cache policy chromium | grep -q 'Candidate: [0-9]'; then
-    echo "error: the package 'chromium' is not available from this system's apt sources" >&2
+# apt-get's output (hundreds of lines) goes to a log file, shown only when a step fails.
+log=$(mktemp "${TMPDIR:-/tmp}/carprune-apt.XXXXXX")
+trap 'rm -f "$log"' EXIT
+apt_get() {
+    if ! $SUDO env DEBIAN_FRONTEND=noninteractive apt-get "$@" >"$log" 2>&1; then
+        echo "error: 'apt-get $*' failed; its output:" >&2
+        cat "$log" >&2
+        exit 1
+    fi
+}
+
+echo "chromium not found: installing Debian's chromium package with apt-get (about 1 min;" \
+     "apt-get's output is shown only if it fails)"
+apt_get update
+# Capture first: under pipefail, `apt-cache policy | grep -q` fails by SIGPIPE when grep exits early.
+policy=$(apt-cache policy chromium 2>/dev/null || true)
+if ! grep -q 'Candidate: [0-9]' <<<"$policy"; then
+    echo "error: the package 'chromium' is not available from this system's apt sources" \
+         "(apt-cache policy chromium: no installation candidate)" >&2
     exit 1
 fi
-DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq chromium
+apt_get install -y chromium
 
 if bin=$(find_chromium); then
     echo "chromium installed: $bin ($("$bin" --version 2>/dev/null || echo 'version unknown'))"

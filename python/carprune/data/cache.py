@@ -1,4 +1,9 @@
-"""Where decoded datasets and trained models are cached: outside the repository, per user."""
+"""Where decoded datasets and trained models are cached: outside the repository, per user.
+
+The directory is ``$CARPRUNE_CACHE`` when set, else ``$XDG_CACHE_HOME/carprune``, else
+``~/.cache/carprune`` (scripts/env.sh keeps its virtual environments there too). The first decoded
+data set a process writes into it is logged once, with the directory and how to move it.
+"""
 
 from __future__ import annotations
 
@@ -9,13 +14,18 @@ from pathlib import Path
 import numpy as np
 
 from ..io import atomic_open
+from ..logging_utils import log
+
+CACHE_VARIABLE = "CARPRUNE_CACHE"
+_announced: set[Path] = set()
 
 
 def cache_dir() -> Path:
-    """``$CARPRUNE_CACHE``, else ``$XDG_CACHE_HOME/carprune``, else ``~/.cache/carprune``."""
-    root = os.environ.get("CARPRUNE_CACHE")
-    xdg = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache"))
-    path = Path(root) if root else xdg / "carprune"
+    """``$CARPRUNE_CACHE``, else ``$XDG_CACHE_HOME/carprune``, else ``~/.cache/carprune`` (created;
+    an empty variable counts as unset)."""
+    root = os.environ.get(CACHE_VARIABLE)
+    xdg = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+    path = Path(root) if root else Path(xdg) / "carprune"
     path.mkdir(parents=True, exist_ok=True)
     return path
 
@@ -27,7 +37,18 @@ def source_key(path: Path, *extra: str) -> str:
     return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
+def announce_write(path: Path) -> None:
+    """Log, once per cache directory and process, that `path` is being cached there."""
+    where = path.parent.resolve()
+    if where in _announced:
+        return
+    _announced.add(where)
+    log.info("caching %s in %s (decoded once, reused later; set %s to use another directory)",
+             path.name, where, CACHE_VARIABLE)
+
+
 def atomic_save_npz(path: Path, **arrays: np.ndarray) -> None:
     """Write an .npz through a temporary file and a rename: never a half-written cache."""
+    announce_write(path)
     with atomic_open(path) as f:
         np.savez(f, **arrays)
