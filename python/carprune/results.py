@@ -35,7 +35,7 @@ class PrunedModelResult:
         d = Path(directory)
         d.mkdir(parents=True, exist_ok=True)
         if self.model is not None:
-            surgery.save_pruned(self.model, d / "model")
+            self._save_model(d / "model")
         write_json(d / "result.json", {"format": self.FORMAT, "version": self.VERSION,
                                        **self.to_dict()})
         return d
@@ -51,5 +51,14 @@ class PrunedModelResult:
         if version != cls.VERSION:
             raise ValueError(f"{cls.__name__} version {version} in {d / 'result.json'} is not "
                              f"supported (this carprune reads version {cls.VERSION})")
-        model = surgery.load_pruned(d / "model", architecture) if architecture is not None else None
+        model = cls._load_model(d / "model", architecture) if architecture is not None else None
         return cls.from_dict(obj, model)
+
+    def _save_model(self, directory: Path) -> None:
+        """Write the model under `directory` (default: a filter-pruned model, `save_pruned`)."""
+        surgery.save_pruned(self.model, directory)
+
+    @classmethod
+    def _load_model(cls, directory: Path, architecture: nn.Module) -> nn.Module:
+        """Rebuild the model written by `_save_model` from `architecture`."""
+        return surgery.load_pruned(directory, architecture)
