@@ -140,3 +140,13 @@ def test_bad_requests(resnet20):
     before = resnet20.conv1.weight.clone()
     criteria.filter_importance(resnet20, "conv1", "kse")
     assert torch.equal(before, resnet20.conv1.weight)
+
+
+def test_linear_neurons(lenet):
+    """fc1's neurons: incoming weights are fc1's rows, outgoing ones fc2's columns."""
+    w1 = lenet.fc1.weight.detach().double()
+    w2 = lenet.fc2.weight.detach().double()
+    assert torch.allclose(criteria.filter_importance(lenet, "fc1", "l1"), w1.abs().sum(1))
+    assert torch.allclose(criteria.filter_importance(lenet, "fc1", "mean_in"), w1.abs().mean(1))
+    assert torch.allclose(criteria.filter_importance(lenet, "fc1", "mean_out"), w2.abs().mean(0))
+    assert criteria.filter_importance(lenet, "fc1", "random").shape == (500,)

@@ -92,3 +92,54 @@ def test_bad_data_is_named():
         num_items(42)
     with pytest.raises(ValueError, match="differ in length: 3 vs 2"):
         num_items((np.zeros((3, 1, 2, 2), np.float32), np.zeros(2, np.int64)))
+
+
+# -- regression targets: the rotated-MNIST angle task ----------------------------------------------
+def test_rotated_mnist_angles_splits_and_images():
+    from conftest import MNIST
+    from PIL import Image
+
+    from carprune.data.batches import load_targets
+    from carprune.data.mnist import read_mnist5k, split_mask
+
+    everything = cp.data.rotated_mnist5k(MNIST, "all")
+    test = cp.data.rotated_mnist5k(MNIST, "test")
+    assert len(everything) == 5000 and len(test) == 1000
+    a = everything.labels
+    assert a.dtype == np.float32 and a.min() >= -60 and a.max() <= 60
+    assert abs(float(a.mean())) < 2.0 and np.histogram(a, bins=4, range=(-60, 60))[0].min() > 1100
+    # digit i has the same angle in every split, from the seed alone
+    mask = split_mask(read_mnist5k(MNIST)[1], "test")
+    assert np.array_equal(test.labels, a[mask])
+    assert not np.array_equal(cp.data.rotated_mnist5k(MNIST, "test", seed=1).labels, test.labels)
+    # each image is its digit rotated counter-clockwise by its angle: turning it back by -angle
+    # recovers the digit far better than turning it further
+    x, _ = read_mnist5k(MNIST)
+    i = int(np.flatnonzero(mask)[np.argmax(np.abs(test.labels))])
+    j = int(np.flatnonzero(mask).tolist().index(i))
+    rot = test.images[j, ..., 0]
+    back = np.asarray(Image.fromarray(rot).rotate(-float(a[i]), resample=Image.BILINEAR))
+    wrong = np.asarray(Image.fromarray(rot).rotate(float(a[i]), resample=Image.BILINEAR))
+    orig = x[i].astype(float)
+    assert np.corrcoef(back.ravel(), orig.ravel())[0, 1] > 0.8
+    assert np.corrcoef(wrong.ravel(), orig.ravel())[0, 1] < 0.5
+    # float targets come through every data form unchanged
+    xb, tb = test.batch([3, 1])
+    assert tb.dtype == torch.float32 and tb.tolist() == test.labels[[3, 1]].tolist()
+    assert load_batch((xb, tb), [1])[1].dtype == torch.float32
+    assert torch.equal(load_targets(test, [3, 1]), tb)
+    assert isinstance(test.subset([0, 1]), cp.data.TargetArrayDataset)
+    assert test[5][1].dtype == torch.float32
+    with pytest.raises(ValueError, match="targets must be"):
+        cp.data.TargetArrayDataset(test.images[:3], np.zeros(4), (0.0,), (1.0,))
+
+
+def test_angle_cnn_is_trained():
+    from conftest import MNIST
+
+    model = cp.models.pretrained_angle_cnn(MNIST)
+    x, t = cp.data.rotated_mnist5k(MNIST, "test").batch(slice(None))
+    with torch.no_grad():
+        mae = (model(x)[:, 0] - t).abs().mean().item()
+    assert mae < 11.0      # 9.5 degrees for the project's model; predicting 0 would give 30
+    assert t.abs().mean().item() > 25

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import copy
 import heapq
+import json
 import math
 import os
 import struct
@@ -485,3 +486,176 @@ def test_single_layer_of_a_shrunk_model(resnet20, tmp_path):
 def test_bad_arguments_are_named(resnet20, kwargs, message):
     with pytest.raises(ValueError, match=message):
         dc.deep_compress(resnet20, **kwargs)
+
+
+# ----------------------------------------------------------------------------- progress, warnings
+
+
+LENET_LAYERS = ["conv1", "conv2", "fc1", "fc2"]
+
+
+def _runs(calls):
+    """Consecutive calls of one phase grouped: [(phase, [(done, total, info), ...]), ...]."""
+    runs: list = []
+    for phase, done, total, info in calls:
+        if not runs or runs[-1][0] != phase:
+            runs.append((phase, []))
+        runs[-1][1].append((done, total, dict(info)))
+    return runs
+
+
+def test_progress_reports_every_phase(lenet, mnist_test, capsys):
+    train = cp.data.mnist5k(DATA / "mnist_5k.npz", "train").sample(256, seed=0)
+    test = mnist_test.sample(200, seed=0)
+    calls = []
+    capsys.readouterr()
+    out = dc.deep_compress(lenet, train, test, finetune_iters=(6, 4), lr=0.01, kmeans_iters=20,
+                           warn_drop=None, on_progress=lambda *a: calls.append(a))
+    assert capsys.readouterr().err == ""      # the callback reports; the algorithm draws nothing
+    runs = _runs(calls)
+    assert [p for p, _ in runs] == ["evaluate", "prune", "evaluate", "retrain", "evaluate",
+                                    "quantise", "evaluate", "fine-tune shared values",
+                                    "evaluate", "encode"]
+    for phase, steps in runs:
+        dones = [d for d, _, _ in steps]
+        assert dones == sorted(dones) and dones[-1] == steps[-1][1], (phase, steps)
+        assert all(tot == steps[0][1] for _, tot, _ in steps)
+    by = dict(runs)
+    assert [d for d, _, _ in by["retrain"]] == list(range(7))
+    assert [d for d, _, _ in by["fine-tune shared values"]] == list(range(5))
+    assert all(math.isfinite(i["loss"]) for d, _, i in by["retrain"] if d)
+    assert [i["layer"] for _, _, i in by["prune"][:-1]] == LENET_LAYERS
+    assert {i["layer"]: i["bits"] for _, _, i in by["quantise"][:-1]} == \
+        {r.name: r.bits for r in out.report.layers}
+    evals = {i["stage"]: i["accuracy"] for p, s in runs if p == "evaluate" for _, _, i in s
+             if "accuracy" in i}
+    assert evals == out.report.accuracy
+    # the retraining saw exactly the reported number of steps: the loss it reports is a running
+    # mean of real cross-entropy values (positive, finite)
+    assert 0 < by["fine-tune shared values"][-1][2]["loss"] < 10
+
+
+def test_accuracy_drop_is_warned_and_recorded(lenet, mnist_test, tmp_path):
+    import logging
+
+    test = mnist_test.sample(300, seed=0)
+    records = []
+    handler = logging.Handler()
+    handler.emit = records.append
+    logger = logging.getLogger("carprune")
+    logger.addHandler(handler)
+    try:
+        out = dc.deep_compress(lenet, None, test, prune={"conv": 0.9, "linear": 0.99},
+                               kmeans_iters=20, progress=False)
+    finally:
+        logger.removeHandler(handler)
+    acc = out.report.accuracy
+    # independent: the original network with the same weights zeroed, evaluated by hand
+    ref = copy.deepcopy(lenet)
+    with torch.no_grad():
+        for name, mask in out.masks.items():
+            ref.get_submodule(name).weight.mul_(mask)
+    x, y = test.batch(slice(None))
+    with torch.no_grad():
+        hand = float((ref.eval()(x).argmax(1) == y).double().mean())
+    assert acc["pruned"] == pytest.approx(hand, abs=1e-12)
+    assert acc["original"] - acc["pruned"] > 0.02
+    w = out.report.warnings
+    assert [v["phase"] for v in w][0] == "pruning (no retraining)"
+    assert w[0]["drop"] == pytest.approx(acc["original"] - hand, abs=1e-12)
+    assert any(r.levelno == logging.WARNING and "pruning (no retraining)" in r.getMessage()
+               for r in records)
+    assert out.report.config["warn_drop"] == 0.02 and out.report.eval_images == 300
+    assert "WARNING: accuracy fell" in out.report.to_markdown()
+    out.report.save(tmp_path / "r.json")
+    assert dc.DeepCompressionReport.load(tmp_path / "r.json").warnings == w
+    # a threshold above the drop, or none, warns nothing
+    drop = acc["original"] - min(v for v in acc.values() if v is not None)
+    calm = dc.deep_compress(lenet, None, test, prune={"conv": 0.9, "linear": 0.99},
+                            kmeans_iters=20, warn_drop=drop + 0.01, progress=False)
+    assert calm.report.warnings == []
+    assert dc.deep_compress(lenet, None, None, kmeans_iters=5, warn_drop=None,
+                            progress=False).report.warnings == []
+    with pytest.raises(ValueError, match=r"warn_drop .* got 2"):
+        dc.deep_compress(lenet, warn_drop=2)
+
+
+def test_markdown_columns_state_their_units(r20_dc):
+    md = r20_dc.report.to_markdown().splitlines()
+    head = [c.strip() for c in md[0].strip("|").split("|")]
+    assert head == ["layer", "shape", "params", "nonzero", "code width (bits, weight/index)",
+                    "weights (bits)", "indices (bits)", "codebook (bits)", "Huffman tables (bits)",
+                    "dense (bytes)", "before Huffman (bytes)", "after (bytes)", "ratio"]
+    enc = {e.name: e for e in r20_dc.compressed.layers}
+    rows = md[2:2 + len(r20_dc.report.layers)]
+    for line, r in zip(rows, r20_dc.report.layers, strict=True):
+        cells = [c.strip().replace(",", "") for c in line.strip("|").split("|")]
+        e = enc[cells[0]]
+        # bits columns hold stream lengths in bits, bytes columns sizes in bytes
+        assert [int(c) for c in cells[5:9]] == [len(e.weight_stream), len(e.index_stream),
+                                                32 * e.codebook.size, r.huffman_table_bits]
+        assert int(cells[9]) == 4 * e.numel          # float32: 4 bytes per dense weight
+        assert int(cells[11]) == sum(len(p) for _, p in e.sections())
+
+
+def test_cli_shows_phases_in_logs_and_bars(lenet, mnist_test, tmp_path, capsys):
+    from carprune import cli
+
+    npz = tmp_path / "mnist.npz"
+    tr = cp.data.mnist5k(DATA / "mnist_5k.npz", "train")
+    np.savez(npz, x_train=tr.images[..., 0], y_train=tr.labels, x_test=mnist_test.images[..., 0],
+             y_test=mnist_test.labels)
+    weights = tmp_path / "lenet.pt"
+    torch.save(lenet.state_dict(), weights)
+    args = ["deep-compress", "--model", "lenet5", "--weights", str(weights), "--data", str(npz),
+            "--split", "test", "--mean", "0", "--std", "1", "--num-images", "200",
+            "--train-split", "train", "--finetune-iters", "5,3", "--kmeans-iters", "10",
+            "--threads", "1", "--log-interval", "0"]
+    capsys.readouterr()
+    assert cli.main([*args, "--out", str(tmp_path / "log"), "--progress", "log"]) == 0
+    err = capsys.readouterr().err
+    assert "\r" not in err
+    for line in ("deep compression: prune (4 steps)", "deep compression: retrain (5 steps)",
+                 "deep compression: retrain done: 5/5", "deep compression: quantise (4 steps)",
+                 "deep compression: fine-tune shared values done: 3/3",
+                 "deep compression: encode done: 5/5"):
+        assert line in err, line
+    rep = json.loads((tmp_path / "log" / "report.json").read_text())
+    for stage, acc in rep["accuracy"].items():
+        assert f"stage {stage}, accuracy {100 * acc:.2f} %" in err
+    assert cli.main([*args, "--out", str(tmp_path / "bar"), "--progress", "bar"]) == 0
+    err = capsys.readouterr().err
+    assert "\r" in err and "retrain" in err and "fine-tune shared values" in err
+
+
+# ----------------------------------------------------------------------------- README route
+
+
+def test_readme_route_loads_a_car_pruned_cpz(resnet20, cifar_test, tmp_path):
+    """README, Deep Compression: a .cpz holds tensors, not the structure; a CAR-pruned network's
+    file loads into the pruned architecture rebuilt from the saved CompressionResult (or from
+    the removed filters with prune_filters)."""
+    layer = "layer3.2.conv1"
+    score, hold = cifar_test.sample(400, seed=2).split(0.5, seed=0)
+    res = cp.compress_layer(resnet20, layer, score, eval_data=hold, keep=60, progress=False)
+    assert len(res.removed) == 4
+    res.save(tmp_path / "l3")
+    out = cp.deep_compress(res.model, layers=[layer, "layer3.2.conv2"], finetune_iters=0,
+                           progress=False)
+    cp.save_compressed(out, tmp_path / "net.cpz")
+    x, _ = hold.batch(np.arange(64))
+    with torch.no_grad():
+        want = out.model.eval()(x)
+    # the README's route: rebuild the pruned architecture from the saved result, then load
+    arch = cp.CompressionResult.load(tmp_path / "l3", cp.models.resnet_cifar(20)).model
+    net = cp.load_compressed(tmp_path / "net.cpz", arch)
+    # the other route: the removed filters alone
+    arch2 = cp.prune_filters(cp.models.resnet_cifar(20), layer, res.removed)
+    net2 = cp.load_compressed(tmp_path / "net.cpz", arch2)
+    with torch.no_grad():
+        assert torch.equal(net.eval()(x), want)
+        assert torch.equal(net2.eval()(x), want)
+    assert net.get_submodule(layer).out_channels == 60
+    # the unpruned architecture does not fit, and the message names the tensor
+    with pytest.raises(ValueError, match=r"layer3\.2\.conv1\.weight has shape \(64, 64, 3, 3\)"):
+        cp.load_compressed(tmp_path / "net.cpz", cp.models.resnet_cifar(20))

@@ -173,3 +173,23 @@ def test_stop_agreement_and_base_count_check_across_ranks(tmp_path, lenet):
         assert r["active"] and r["quiet"] is False and r["stop"] is True
         assert "different images or models" in r["mismatch"]
     assert res[0]["reason"] == "a signal to another rank" and res[1]["reason"] == "SIGTERM"
+
+
+def test_torchrun_float_metric_equals_one_process(tmp_path, resnet20, cifar_test):
+    """A float metric's fixed-point sums are integers like the counts: 2 ranks, each scoring its
+    share of the filters in its own batches, give exactly the single-process sums."""
+    filters = list(range(1, 32, 4))
+    out = tmp_path / "nll"
+    p = torchrun("score", "--model", "resnet20", "--weights", str(RESNET20), "--data", str(CIFAR),
+                 "--split", "test", "--layer", "layer2.0.conv1", "--num-images", "48", "--metric",
+                 "nll", "--dtype", "float64", "--filters", ",".join(map(str, filters)),
+                 "--out", str(out), "--progress", "log")
+    assert p.returncode == 0, p.stderr[-3000:]
+    got = cp.LayerScores.load(out / "scores.npz")
+    ref = cp.score_layer(resnet20, "layer2.0.conv1", cifar_test, num_images=48, filters=filters,
+                         metric="nll", dtype=torch.float64, progress=False)
+    assert got.metric == "nll" and got.scale == ref.scale > 1 and not got.higher_is_better
+    assert torch.equal(got.counts, ref.counts) and torch.equal(got.base_counts, ref.base_counts)
+    doc = json.loads((out / "scores.json").read_text())
+    assert doc["metric"] == "nll" and "car" not in doc
+    assert doc["importance"] == pytest.approx(ref.importance.tolist())

@@ -188,8 +188,12 @@ def test_bad_input_errors(resnet20, cifar_test):
     data = cifar_test.sample(20)
     with pytest.raises(cp.CutError, match="unknown layer 'layer9.conv1'.*layer1.0.conv1"):
         cp.score_layer(resnet20, "layer9.conv1", data)
-    with pytest.raises(cp.CutError, match="'linear' is a Linear, not a Conv2d"):
+    with pytest.raises(cp.CutError, match="'linear' has no valid cut: its filters' outputs are "
+                                          "the network's output"):
         cp.score_layer(resnet20, "linear", data)
+    with pytest.raises(cp.CutError, match="'layer1.0.bn1' is a BatchNorm2d, not a Conv2d, Conv1d "
+                                          "or Linear layer"):
+        cp.score_layer(resnet20, "layer1.0.bn1", data)
     x, y = data.batch(slice(None))
     with pytest.raises(ValueError, match=r"labels must lie in \[0, 10\).*got \[.*, 12\]"):
         cp.score_layer(resnet20, "layer3.2.conv1", (x, y.clone().fill_(12)))
@@ -297,3 +301,78 @@ def cp_mnist_path():
     from conftest import MNIST
 
     return MNIST
+
+
+# -- fully-connected neurons and Conv1d filters as units -------------------------------------------
+def test_lenet5_fc1_neurons_exact_in_float64(lenet, mnist_test):
+    """Neurons of a Linear layer are units like filters: neuron i removed = feature i zeroed after
+    fc1's ReLU (LeNet-5's `relu`), where fc2 reads it."""
+    x, y = mnist_test.batch(slice(None))
+    model64 = copy.deepcopy(lenet).double()
+    neurons = list(range(0, 500, 23)) + [499]
+    ref = reference_counts(model64, "relu", neurons, x.double(), y, 10, batch=500)
+    got = cp.score_layer(lenet, "fc1", mnist_test, filters=neurons, dtype=torch.float64,
+                         progress=False)
+    assert got.filters.tolist() == neurons and torch.equal(got.counts, ref)
+    assert torch.equal(got.base_counts, base_counts(model64, x.double(), y, 10))
+    assert (got.car != 0).any()
+    full = cp.LayerScorer(lenet, "fc1", mnist_test, progress=False)
+    assert full.num_filters == 500 and full.fused is None
+
+
+class _Conv1dNet(torch.nn.Module):
+    """A 1-D signal classifier: Conv1d -> BatchNorm1d -> ReLU -> MaxPool1d, Conv1d, pool, linear."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv1 = torch.nn.Conv1d(2, 12, 5, padding=2)
+        self.bn1 = torch.nn.BatchNorm1d(12)
+        self.relu1 = torch.nn.ReLU()
+        self.pool1 = torch.nn.MaxPool1d(2)
+        self.conv2 = torch.nn.Conv1d(12, 8, 3)
+        self.pool2 = torch.nn.AdaptiveAvgPool1d(4)
+        self.flatten = torch.nn.Flatten()
+        self.fc = torch.nn.Linear(32, 5)
+
+    def forward(self, x):
+        x = self.pool1(self.relu1(self.bn1(self.conv1(x))))
+        return self.fc(self.flatten(self.pool2(self.conv2(x))))
+
+
+def conv1d_net():
+    torch.manual_seed(0)
+    m = _Conv1dNet().double().eval()
+    with torch.no_grad():
+        m.bn1.running_mean.uniform_(-0.5, 0.5)
+        m.bn1.running_var.uniform_(0.5, 2)
+        m.bn1.weight.uniform_(0.5, 1.5)
+    return m
+
+
+def test_conv1d_filters_exact(tmp_path):
+    m = conv1d_net()
+    x = torch.randn(300, 2, 32, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        y = m(x).argmax(1)
+    y[::4] = (y[::4] + 1) % 5     # some wrong, so removals can help as well as hurt
+    for layer, cut in (("conv1", "pool1"), ("conv2", "pool2")):
+        n = dict(m.named_modules())[layer].out_channels
+        ref = reference_counts(m, cut, range(n), x, y, 5)
+        got = cp.score_layer(m, layer, (x, y), dtype=torch.float64, progress=False)
+        assert torch.equal(got.counts, ref), layer
+        assert (got.car != 0).any()
+
+
+def test_linear_units_need_batch_features_outputs():
+    class Tokens(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc1 = torch.nn.Linear(4, 6)
+            self.fc2 = torch.nn.Linear(6, 3)
+
+        def forward(self, x):                  # x: [batch, tokens, 4]
+            return self.fc2(torch.relu(self.fc1(x))).mean(1)
+
+    d = (torch.randn(5, 7, 4), torch.zeros(5, dtype=torch.int64))
+    with pytest.raises(cp.CutError, match=r"Linear layer whose output here has shape \(1, 7, 6\)"):
+        cp.score_layer(Tokens(), "fc1", d)

@@ -188,3 +188,104 @@ def test_global_mode_picks_lowest_car_per_flop(lenet, lenet_split):
     assert acc == pytest.approx(res.trajectory[-1].holdout_accuracy)
     seq = compress_layers(lenet, ["conv1", "conv2"], score, keep=0.5, progress=False)
     assert seq[1].model.conv1.out_channels == 10 and seq[1].model.conv2.out_channels == 25
+
+
+# -- other metrics and linear layers ---------------------------------------------------------------
+def masked_mean(model, cut_module, zeroed, x, value):
+    """The mean over the images of value(outputs) with channels `zeroed` zeroed after the cut."""
+    module = dict(model.named_modules())[cut_module]
+
+    def zero(mod, inp, out):
+        out = out.clone()
+        out[:, list(zeroed)] = 0
+        return out
+
+    h = module.register_forward_hook(zero) if zeroed else None
+    with torch.no_grad():
+        v = value(model(x)).double().mean().item()
+    if h is not None:
+        h.remove()
+    return v
+
+
+def test_greedy_nll_matches_reference_loop(lenet, lenet_split):
+    """Greedy by NLL: each step removes the filter whose removal raises the loss least."""
+    score, hold = lenet_split
+    x, y = score.batch(slice(None))
+    m64 = copy.deepcopy(lenet).double()
+
+    def nll(out):
+        return torch.nn.functional.cross_entropy(out, y, reduction="none")
+
+    removed = []
+    for _ in range(3):
+        alive = [f for f in range(20) if f not in removed]
+        loss = {f: masked_mean(m64, "pool1", removed + [f], x.double(), nll) for f in alive}
+        removed.append(min(alive, key=lambda f: (loss[f], f)))
+    res = cp.compress_layer(lenet, "conv1", score, eval_data=hold, metric="nll", keep=17,
+                            dtype=torch.float64, progress=False)
+    assert res.removed == removed and res.metric == "nll" and res.config["metric"] == "nll"
+    for s in res.trajectory:
+        gone = [f for t in res.trajectory[1:s.step + 1] for f in t.removed]
+        assert s.score_accuracy == pytest.approx(masked_mean(m64, "pool1", gone, x.double(), nll),
+                                                 abs=1e-6)
+    # the scores recorded are the loss increases
+    assert res.trajectory[1].scores[0] == pytest.approx(
+        masked_mean(m64, "pool1", removed[:1], x.double(), nll) - res.trajectory[0].score_accuracy,
+        abs=1e-6)
+
+
+def test_greedy_car_on_linear_neurons(lenet, lenet_split):
+    score, hold = lenet_split
+    x, y = score.batch(slice(None))
+    m64 = copy.deepcopy(lenet).double()
+    # Algorithm 1 on fc1's neurons by hand: the features after fc1's ReLU are computed once, a
+    # removed neuron is a zeroed column before fc2
+    with torch.no_grad():
+        h = m64.relu(m64.fc1(m64.flatten(m64.pool2(m64.conv2(m64.pool1(m64.conv1(x.double())))))))
+    ref = []
+    for _ in range(2):
+        def acc(f):
+            z = h.clone()
+            z[:, ref + [f]] = 0
+            return (m64.fc2(z).argmax(1) == y).double().mean().item()
+        alive = [f for f in range(500) if f not in ref]
+        accs = {f: acc(f) for f in alive}
+        ref.append(min(alive, key=lambda f: (-accs[f], f)))
+    res = cp.compress_layer(lenet, "fc1", score, eval_data=hold, keep=498, dtype=torch.float64,
+                            progress=False)
+    assert res.removed == ref
+    assert res.model.fc1.out_features == 498 and res.model.fc2.in_features == 498
+    assert res.trajectory[-1].layer_flops == 800 * 498
+    xh, yh = hold.batch(slice(None))
+    with torch.no_grad():
+        acc = (res.model.double()(xh.double()).argmax(1) == yh).double().mean().item()
+    assert acc == pytest.approx(res.trajectory[-1].holdout_accuracy)
+    from carprune.finetune import layer_groups
+
+    own, nxt = layer_groups(lenet, ["fc1"])
+    assert "fc1" in own and nxt == {"fc2"}
+
+
+def test_greedy_rar_stops_within_the_error_ceiling():
+    """Greedy RAR on the angle regressor: max_drop bounds the hold-out error from above."""
+    from conftest import MNIST
+
+    model = cp.models.pretrained_angle_cnn(MNIST)
+    score, hold = cp.data.rotated_mnist5k(MNIST, "test").sample(400, seed=0).split(0.5, seed=0)
+    res = cp.compress_layer(model, "conv2", score, eval_data=hold, metric="mae", max_drop=0.1,
+                            progress=False)
+    base = res.trajectory[0].holdout_accuracy
+    final = res.trajectory[len(res.trajectory) - 1 - (len(res.kept) != res.trajectory[-1].kept)]
+    assert final.kept == len(res.kept) and final.holdout_accuracy <= 1.1 * base
+    assert res.trajectory[-1].holdout_accuracy > 1.1 * base or res.trajectory[-1].kept == 1
+    xh, th = hold.batch(slice(None))
+    with torch.no_grad():
+        mae = (res.model(xh)[:, 0] - th).abs().double().mean().item()
+    assert mae == pytest.approx(final.holdout_accuracy, abs=1e-4)
+    # RAR orders by error increase: the first removal raised the scoring error least
+    s = cp.score_layer(model, "conv2", score, metric="mae", progress=False)
+    assert res.removed[0] == s.least_important()[0]
+    with pytest.raises(ValueError, match="fine-tuning trains with cross-entropy"):
+        cp.compress_layer(model, "conv2", score, metric="mae", keep=30,
+                          finetune=cp.FineTune(train_data=score, iters=1))

@@ -81,14 +81,28 @@ CHECK_JS = """<script>
 window.addEventListener('load', () => {
   const imgs = [...document.images];
   const bad = imgs.filter(i => !(i.complete && i.naturalWidth > 0)).map(i => i.dataset.figure || i.alt);
-  const thumbs = [...document.querySelectorAll('i.cs')];
-  const badThumbs = thumbs.filter(
-    t => !getComputedStyle(t).backgroundImage.startsWith('url("data:image/png')).length;
+  const tiles = [...document.querySelectorAll('i[role=img]')];
+  const badTiles = tiles.filter(t => !getComputedStyle(t).backgroundImage.startsWith('url("data:image/png')
+    || t.getBoundingClientRect().width < 8).map(t => t.dataset.figure);
+  const px = el => parseFloat(getComputedStyle(el).fontSize);
+  const walker = document.createTreeWalker(document.body, NodeFilter.SHOW_TEXT);
+  let smallest = [1e9, ''];
+  for (let n = walker.nextNode(); n; n = walker.nextNode()) {
+    const el = n.parentElement;
+    if (!n.textContent.trim() || el.closest('#render-check')) continue;
+    if (px(el) < smallest[0]) smallest = [px(el), n.textContent.trim().slice(0, 40)];
+  }
+  const captions = sel => [...document.querySelectorAll(sel)].map(
+    c => [c.textContent, px(c), c.getBoundingClientRect().height]);
+  const links = [...document.querySelectorAll('a[href]')].map(a => a.getAttribute('href'));
   const out = document.createElement('pre'); out.id = 'render-check';
   out.textContent = JSON.stringify({
-    images: imgs.map(i => i.dataset.figure), bad, thumbs: thumbs.length, badThumbs,
+    images: imgs.map(i => i.dataset.figure), bad, tiles: tiles.map(t => t.dataset.figure), badTiles,
+    thumbs: document.querySelectorAll('i.cs').length, smallest, links,
+    patchCaptions: captions('#patches figcaption'), weightCaptions: captions('#first-layer figcaption'),
     sections: [...document.querySelectorAll('section')].map(s => [s.id, s.querySelector('h2') !== null]),
-    rows: document.querySelectorAll('#filters tbody tr').length});
+    rows: document.querySelectorAll('#filters tbody tr').length,
+    tableRows: [...document.querySelectorAll('table')].map(t => t.querySelectorAll('tbody tr').length)});
   document.body.appendChild(out);
 });
 </script>"""
@@ -303,9 +317,16 @@ def test_class_importance_matches_hooked_reference(lenet, mnist_test):
         finally:
             h.remove()
         ci = rep.classes_of(f)
-        order = sorted(range(10), key=lambda c: (-car_c[c], c))
-        assert [s.index for s in ci.top] == order[:5]
-        assert [s.index for s in ci.bottom] == sorted(range(10), key=lambda c: (car_c[c], c))[:5]
+        # listed: only classes that lose (top) or gain (bottom) accuracy without the filter
+        lose = sorted((c for c in range(10) if car_c[c] > 0), key=lambda c: (-car_c[c], c))
+        gain = sorted((c for c in range(10) if car_c[c] < 0), key=lambda c: (car_c[c], c))
+        assert [s.index for s in ci.top] == lose[:5]
+        assert [s.index for s in ci.bottom] == gain[:5]
+        assert (ci.positive, ci.negative) == (len(lose), len(gain))
+        assert ci.note("top") == ("" if len(lose) >= 5 else
+                                  "no class loses accuracy without it" if not lose else
+                                  f"only {len(lose)} class{'es' if len(lose) > 1 else ''} "
+                                  f"lose{'s' if len(lose) == 1 else ''} accuracy without it")
         for s in ci.top + ci.bottom:
             assert s.car_c == pytest.approx(car_c[s.index], abs=1e-12)
             assert s.name == mnist_test.classes[s.index]
@@ -396,18 +417,81 @@ def test_report_page_renders_in_chromium(conv1_report):
     seen = render_in_chromium(page)
     assert seen["sections"] == [[s, True] for s in rep.sections]
     assert seen["bad"] == [], f"images that did not load: {seen['bad']}"
-    expected = {"car.png", "filters.png", "colour.png", "patches.png", "class_panels.png",
-                "class_accuracy.png"} | {f"patches/filter_{f:04d}.png" for f in range(16)} | \
+    assert seen["badTiles"] == [], f"tiles without their image: {seen['badTiles']}"
+    assert set(seen["images"]) == {"car.png", "colour.png", "class_accuracy.png"}
+    shared = {f"patches/filter_{f:04d}.png" for f in range(16)} | \
+        {f"weights/filter_{f:04d}.png" for f in range(16)} | \
         {f"samples/class_{c:04d}.png" for c in range(10)}
-    assert set(seen["images"]) == expected
-    assert seen["rows"] == 16 and seen["thumbs"] == 16 * 10 and seen["badThumbs"] == 0
+    assert shared <= set(seen["tiles"])
+    listed = sum(len(ci.top) + len(ci.bottom) for ci in rep.class_importance)
+    panels = sum(len(rep.classes_of(f).top) + len(rep.classes_of(f).bottom) for f in rep.highlight)
+    assert seen["rows"] == 16 and seen["thumbs"] == listed
+    assert seen["tiles"].count("samples/class_0000.png") >= 1
+    # two grids and the table (a tile per filter each), the gallery, Figure 9 (patches, classes),
+    # the class thumbnails of the table
+    assert len(seen["tiles"]) == 16 * 3 + 10 + len(rep.highlight) + panels + listed
+    # every caption under a patch grid or filter drawing: readable (>= 11 px), one per filter,
+    # naming its filter and CAR; no text on the page is smaller
+    for key in ("patchCaptions", "weightCaptions"):
+        caps = seen[key]
+        assert len(caps) == 16
+        assert all(size >= 11 and height >= 11 for _, size, height in caps), caps
+        assert {int(re.match(r"#(\d+)", text).group(1)) for text, _, _ in caps} == set(range(16))
+    removed = [c for c, _, _ in seen["patchCaptions"] if "removed at step" in c]
+    assert len(removed) == 8
+    assert seen["smallest"][0] >= 11, f"text smaller than 11 px: {seen['smallest']}"
+    # classes whose accuracy does not change (CAR_c 0) are never listed
+    assert not re.search(r">[+-]0\.0</span>", html)
     # the PNGs and the JSON beside the page
     out = page.parent
-    for name in expected:
+    for name in shared | {"car.png", "filters.png", "colour.png", "patches.png",
+                          "class_panels.png", "class_accuracy.png"}:
         assert (out / name).read_bytes() == rep.figures[name]
     back = InterpretationReport.load(out / "report.json")
     assert back.to_dict() == rep.to_dict() and back.figures == rep.figures
     assert json.loads((out / "report.json").read_text())["colour"]["k"] == 8
+
+
+def test_only_classes_with_an_effect_are_listed(resnet20, cifar_test):
+    """On real scores: no listed class has CAR_c 0; a filter with no effect lists none and says
+    so; fewer than five is said (summary, class importance, Figure 9)."""
+    scores = cp.score_layer(resnet20, "layer3.2.conv1", cifar_test.sample(300, seed=3),
+                            progress=False)
+    cc = scores.car_c.numpy()
+    idle = [int(scores.filters[i]) for i in np.flatnonzero((cc == 0).all(1))]
+    assert idle, "the test needs a filter with no effect on any class"
+    imp = class_importance(scores, 5)
+    short = 0
+    for i, ci in enumerate(imp):
+        row = cc[i]
+        assert all(s.car_c > 0 and s.car_c == row[s.index] for s in ci.top)
+        assert all(s.car_c < 0 and s.car_c == row[s.index] for s in ci.bottom)
+        assert [s.car_c for s in ci.top] == sorted((s.car_c for s in ci.top), reverse=True)
+        assert len(ci.top) == min(5, int((row > 0).sum()))
+        assert len(ci.bottom) == min(5, int((row < 0).sum()))
+        short += len(ci.top) < 5
+        if len(ci.top) < 5:
+            assert re.fullmatch(r"(only \d+ class(es)? loses? |no class loses )accuracy without it",
+                                ci.note("top"))
+        if ci.filter in idle:
+            assert ci.top == [] and ci.bottom == []
+            assert ci.note("top") == "no class loses accuracy without it"
+            assert ci.note("bottom") == "no class gains accuracy without it"
+    assert short > 0
+    text = scores.summary(top=64, classes=5)
+    assert not re.search(r"\([+-]0\.0\)", text)
+    for f in idle:
+        line = next(x for x in text.splitlines() if re.match(rf"\s+filter\s+{f}\s", x))
+        assert line.endswith("needed most by: no class loses accuracy without it")
+    # the Figure 9 panel of the idle filter says so instead of listing classes
+    from carprune.interpret import figures
+
+    blank = np.full((8, 8, 3), 255, np.uint8)
+    ci = imp[int(np.flatnonzero(scores.filters.numpy() == idle[0])[0])]
+    png = figures.class_panels([{"filter": ci.filter, "car": ci.car, "patches": blank, "top": [],
+                                 "bottom": [], "top_note": ci.note("top"),
+                                 "bottom_note": ci.note("bottom")}], "layer3.2.conv1")
+    assert png[:8] == b"\x89PNG\r\n\x1a\n"
 
 
 # -- build_report from saved files, and bad input ----------------------------------------------
@@ -453,3 +537,68 @@ def test_bad_input_is_named(lenet, mnist_test, tmp_path):
     with pytest.raises(ValueError, match="not an interpretation report"):
         (tmp_path / "x.json").write_text('{"format": "other"}')
         InterpretationReport.load(tmp_path / "x.json")
+
+
+# -- the landing page of `carprune report` -------------------------------------------------------
+@pytest.fixture(scope="module")
+def cli_outputs(lenet, tmp_path_factory):
+    """score (conv1), compress with a hold-out split (conv2) and deep-compress outputs of the
+    command line on the shared MNIST sample, then `carprune report` with interpretation pages."""
+    from carprune import cli
+
+    d = tmp_path_factory.mktemp("landing")
+    tr, te = cp.data.mnist5k(ROOT.parent / "shared/data/mnist_5k.npz", "train"), \
+        cp.data.mnist5k(ROOT.parent / "shared/data/mnist_5k.npz", "test")
+    npz = d / "mnist.npz"
+    np.savez(npz, x_train=tr.images[..., 0], y_train=tr.labels, x_test=te.images[..., 0],
+             y_test=te.labels, classes=np.array(cp.data.MNIST_CLASSES))
+    weights = d / "lenet5.pt"
+    torch.save(lenet.state_dict(), weights)
+    common = ["--model", "lenet5", "--weights", str(weights), "--data", str(npz), "--split", "test",
+              "--mean", "0", "--std", "1", "--progress", "none", "--threads", "1"]
+    assert cli.main(["score", *common, "--out", str(d / "s1"), "--layer", "conv1",
+                     "--num-images", "200"]) == 0
+    assert cli.main(["compress", *common, "--out", str(d / "c2"), "--layer", "conv2",
+                     "--num-images", "300", "--eval-split", "test", "--eval-images", "200",
+                     "--keep", "46"]) == 0
+    assert cli.main(["deep-compress", *common, "--out", str(d / "dc"), "--result", str(d / "c2"),
+                     "--num-images", "200", "--kmeans-iters", "10"]) == 0
+    assert cli.main(["report", str(d / "s1"), str(d / "c2"), str(d / "dc"), *common,
+                     "--out", str(d / "r"), "--num-images", "200", "--search-images", "300",
+                     "--patches", "4"]) == 0
+    return d
+
+
+def test_report_landing_page(cli_outputs):
+    d = cli_outputs
+    out = d / "r"
+    page = out / "index.html"
+    seen = render_in_chromium(page)
+    # one table of the layers (score + compress) and one of the Deep Compression outputs
+    assert seen["tableRows"] == [2, 1]
+    assert seen["smallest"][0] >= 11, seen["smallest"]
+    # every link resolves to a file written beside the page: the layer pages, Markdown, JSON
+    links = seen["links"]
+    assert {"conv1/index.html", "conv2/index.html", "report.md", "report.json"} <= set(links)
+    for href in links:
+        assert (out / href).is_file(), href
+    html = page.read_text()
+    result = json.loads((d / "c2" / "result.json").read_text())
+    traj = result["trajectory"]
+    first, last = traj[0], traj[-1]
+    assert first["holdout_accuracy"] is not None and len(result["kept"]) == 46
+    assert f"{100 * first['holdout_accuracy']:.2f}&nbsp;%" in html
+    assert f"{100 * last['holdout_accuracy']:.2f}&nbsp;%" in html
+    assert "46 of 50" in html and "200 hold-out" in html and "200 scoring" in html
+    saved = 1 - last["flops"] / first["flops"]
+    assert f"{100 * saved:.1f} %" in html
+    # each layer page links back to the landing page and says which images each accuracy uses
+    conv2 = (out / "conv2" / "index.html").read_text()
+    assert 'href="../index.html"' in conv2
+    assert "on the hold-out: 200 images never used for scoring (scoring used 300 others)" in conv2
+    assert "300 images of the interpretation data (those searched for patches)" in conv2
+    assert "200 images of the interpretation data (a seeded subset)" in conv2   # CAR scored here
+    assert "200 images (the scores given)" in (out / "conv1" / "index.html").read_text()
+    rows = json.loads((out / "report.json").read_text())["rows"]
+    assert {r["kind"] for r in rows} == {"score", "compress", "deep-compress"}
+    assert "| conv2 | car | 50 | 46 |" in (out / "report.md").read_text()

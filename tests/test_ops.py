@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -173,3 +175,214 @@ def test_class_correct_counts_opcheck_and_errors():
         cp.class_correct_counts(logits, labels[:3], 1)
     with pytest.raises(RuntimeError, match="int64"):
         cp.class_correct_counts(logits, labels.int(), 1)
+
+
+# -- ablate_conv_head ------------------------------------------------------------------------
+def reference_head(a, w, z_bias, scale, shift, channels, stride, padding, dilation, relu, residual,
+                   relu_after, fc_w, fc_b):
+    """Per ablation: zero input channel s (none for -1), the full conv, affine, ReLU, + residual,
+    ReLU, mean over positions, linear; everything in float64."""
+    outs = []
+    for s in channels.tolist():
+        a_s = a.double().clone()
+        if s >= 0:
+            a_s[:, s] = 0
+        v = F.conv2d(a_s, w.double(), None if z_bias is None else z_bias.double(), stride, padding,
+                     dilation)
+        v = v * scale.double().view(1, -1, 1, 1) + shift.double().view(1, -1, 1, 1)
+        if relu:
+            v = v.clamp_min(0)
+        if residual is not None:
+            v = v + residual.double()
+        if relu_after:
+            v = v.clamp_min(0)
+        outs.append(F.linear(v.mean((2, 3)), fc_w.double(), None if fc_b is None else fc_b.double()))
+    return torch.stack(outs)
+
+
+def _isas():
+    """Every CPU instruction set the kernel dispatches to that this machine runs."""
+    cpuinfo = Path("/proc/cpuinfo")
+    flags = cpuinfo.read_text().split() if cpuinfo.is_file() else []
+    isas = ["default"]
+    if "avx2" in flags and "fma" in flags:
+        isas.append("avx2")
+    if {"avx512f", "avx512vl", "avx512dq", "avx512bw"} <= set(flags):
+        isas.append("avx512")
+    return isas
+
+
+def _head_inputs(case, seed, dtype=torch.float64, sparse=True):
+    B, C, Fo, H, W, k, stride, padding, dilation = case
+    g = torch.Generator().manual_seed(seed)
+    a = torch.randn(B, C, H, W, generator=g, dtype=dtype)
+    if sparse:  # like activations after a ReLU: most pixels zero, some planes entirely
+        a = a.clamp_min(0.5) - 0.5
+        a[:, C // 2] = 0
+    w = torch.randn(Fo, C, *k, generator=g, dtype=dtype)
+    bias = torch.randn(Fo, generator=g, dtype=dtype)
+    z = F.conv2d(a, w, bias, stride, padding, dilation)
+    scale = torch.rand(Fo, generator=g, dtype=dtype) + 0.5
+    shift = torch.randn(Fo, generator=g, dtype=dtype)
+    res = torch.randn(z.shape, generator=g, dtype=dtype)
+    fc_w = torch.randn(7, Fo, generator=g, dtype=dtype)
+    fc_b = torch.randn(7, generator=g, dtype=dtype)
+    return a, w, bias, z, scale, shift, res, fc_w, fc_b
+
+
+HEAD_CASES = CASES[:5] + [
+    (2, 3, 37, 6, 5, (3, 3), (1, 1), (1, 1), (1, 1)),    # F not a multiple of any vector width
+    (3, 4, 20, 9, 9, (1, 1), (2, 2), (0, 0), (1, 1)),    # 1x1, stride 2 (bottleneck conv3 shape)
+]
+
+
+@pytest.mark.parametrize("case", HEAD_CASES)
+@pytest.mark.parametrize("isa", _isas())
+def test_ablate_conv_head_matches_masked_reference(case, isa, monkeypatch):
+    monkeypatch.setenv("CARPRUNE_CPU_ISA", isa)
+    a, w, bias, z, scale, shift, res, fc_w, fc_b = _head_inputs(case, hash(case) % 2**31)
+    C = a.shape[1]
+    channels = torch.tensor([C - 1, -1, 0, C // 2, 0], dtype=torch.int64)
+    for relu, with_res, relu_after, with_bias in [(False, True, True, True),
+                                                  (False, False, False, True),
+                                                  (True, False, False, False),
+                                                  (True, True, True, True),
+                                                  (True, True, False, True),
+                                                  (False, True, False, False)]:
+        r = res if with_res else None
+        b = fc_b if with_bias else None
+        args = (a, w, z, scale, shift, channels, case[6], case[7], case[8], relu, r, relu_after,
+                fc_w, b)
+        out = cp.ablate_conv_head(*args)
+        ref = reference_head(a, w, bias, scale, shift, channels, *case[6:], relu, r, relu_after,
+                             fc_w, b)
+        assert out.shape == ref.shape == (5, a.shape[0], 7)
+        torch.testing.assert_close(out, ref, rtol=1e-10, atol=1e-10)
+        # channel -1 is the unablated network, and an all-zero plane changes nothing
+        assert torch.equal(out[3], out[1])
+        out32 = cp.ablate_conv_head(*[t.float() if isinstance(t, torch.Tensor) and
+                                      t.is_floating_point() else t for t in args])
+        torch.testing.assert_close(out32.double(), ref, rtol=1e-4, atol=1e-4)
+
+
+def test_ablate_conv_head_is_ablate_conv_then_the_ending():
+    """The op equals the existing ablate_conv followed by the ending in torch ops."""
+    case = (3, 6, 16, 8, 8, (3, 3), (1, 1), (1, 1), (1, 1))
+    a, w, _, z, scale, shift, res, fc_w, fc_b = _head_inputs(case, 3)
+    ch = torch.arange(6)
+    v = cp.ablate_conv(a, w, z, scale, shift, ch, (1, 1), (1, 1), (1, 1), False)
+    ref = F.linear((v + res).clamp_min(0).mean((3, 4)), fc_w, fc_b)
+    out = cp.ablate_conv_head(a, w, z, scale, shift, ch, (1, 1), (1, 1), (1, 1), False, res, True,
+                              fc_w, fc_b)
+    torch.testing.assert_close(out, ref, rtol=1e-11, atol=1e-11)
+
+
+def test_ablate_conv_head_on_real_resnet_ending(resnet20, cifar_test):
+    """ResNet-20 layer3.2: real activations after relu1, consumer conv2 + bn2, the block input as
+    the residual, relu2, pool and the trained linear layer; against the masked full network."""
+    x, y = cifar_test.batch(list(range(0, 10000, 500)))
+    blk = resnet20.layer3[2]
+    acts = {}
+    hooks = [blk.relu1.register_forward_hook(lambda m, i, o: acts.__setitem__("a", o.detach())),
+             blk.register_forward_hook(lambda m, i, o: acts.__setitem__("x", i[0].detach()))]
+    with torch.no_grad():
+        full = resnet20(x).double()
+    for h in hooks:
+        h.remove()
+    a, res = acts["a"].double(), acts["x"].double()
+    bn = blk.bn2
+    scale = (bn.weight / torch.sqrt(bn.running_var + bn.eps)).detach().double()
+    shift = bn.bias.detach().double() - bn.running_mean.double() * scale
+    w = blk.conv2.weight.detach().double()
+    fc_w, fc_b = resnet20.linear.weight.detach().double(), resnet20.linear.bias.detach().double()
+    z = F.conv2d(a, w, None, 1, 1)
+    ch = torch.tensor([-1, 0, 7, 63, 31], dtype=torch.int64)
+    out = cp.ablate_conv_head(a, w, z, scale, shift, ch, (1, 1), (1, 1), (1, 1), False, res, True,
+                              fc_w, fc_b)
+    ref = reference_head(a, w, None, scale, shift, ch, 1, 1, 1, False, res, True, fc_w, fc_b)
+    torch.testing.assert_close(out, ref, rtol=1e-9, atol=1e-9)
+    torch.testing.assert_close(out[0].float(), full.float(), rtol=1e-4, atol=1e-4)
+
+
+def test_ablate_conv_head_independent_of_split_and_threads():
+    """Each (ablation, image) is computed alone: any split of images or channels over calls and
+    any thread count give bit-identical logits."""
+    case = (23, 16, 64, 8, 8, (3, 3), (1, 1), (1, 1), (1, 1))
+    a, w, _, z, scale, shift, res, fc_w, fc_b = _head_inputs(case, 5, dtype=torch.float32)
+    ch = torch.tensor([-1, *range(16)], dtype=torch.int64)
+
+    def run(a_, z_, r_, c_):
+        return cp.ablate_conv_head(a_, w, z_, scale, shift, c_, (1, 1), (1, 1), (1, 1), False, r_,
+                                   True, fc_w, fc_b)
+
+    whole = run(a, z, res, ch)
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        one = run(a, z, res, ch)
+        torch.set_num_threads(2)
+        two = run(a, z, res, ch)
+    finally:
+        torch.set_num_threads(threads)
+    by_images = torch.cat([run(a[s:s + 5], z[s:s + 5], res[s:s + 5], ch) for s in range(0, 23, 5)],
+                          dim=1)
+    by_channels = torch.cat([run(a, z, res, ch[s:s + 3]) for s in range(0, 17, 3)])
+    for other in (one, two, by_images, by_channels):
+        assert torch.equal(whole, other)
+
+
+def test_ablate_conv_head_propagates_nan():
+    """A NaN activation makes every output of its image NaN (as in the masked network, where it
+    reaches the logits unless its own channel is removed; here z already holds it), and leaves
+    the other images alone."""
+    case = (2, 3, 16, 6, 6, (3, 3), (1, 1), (1, 1), (1, 1))
+    a, w, _, _, scale, shift, res, fc_w, fc_b = _head_inputs(case, 9)
+    a[1, 2, 3, 3] = float("nan")
+    z = F.conv2d(a, w, None, 1, 1)
+    ch = torch.tensor([-1, 0, 2], dtype=torch.int64)
+    out = cp.ablate_conv_head(a, w, z, scale, shift, ch, (1, 1), (1, 1), (1, 1), False, res, True,
+                              fc_w, fc_b)
+    ref = reference_head(a, w, None, scale, shift, ch, 1, 1, 1, False, res, True, fc_w, fc_b)
+    assert out[:, 1].isnan().all() and ref[:2, 1].isnan().all()
+    torch.testing.assert_close(out[:, 0], ref[:, 0], rtol=1e-10, atol=1e-10)
+
+
+def test_ablate_conv_head_opcheck():
+    a = torch.randn(2, 3, 6, 6).clamp_min(0)
+    w = torch.randn(4, 3, 3, 3)
+    z = F.conv2d(a, w, None, 2, 1)
+    for res, bias in ((torch.randn(z.shape), torch.randn(5)), (None, None)):
+        args = (a, w, z, torch.ones(4), torch.zeros(4), torch.tensor([0, -1, 2]), [2, 2], [1, 1],
+                [1, 1], False, res, True, torch.randn(5, 4), bias)
+        torch.library.opcheck(torch.ops.carprune.ablate_conv_head.default, args)
+
+
+@pytest.mark.parametrize("change, match", [
+    (dict(residual=torch.zeros(2, 4, 5, 6)), "`residual` must have the shape of `z`"),
+    (dict(residual=torch.zeros(2, 4, 6, 6, dtype=torch.float64)), "`residual` is Double"),
+    (dict(fc_weight=torch.zeros(5, 3)), "`fc_weight` must be \\[K, 4\\]"),
+    (dict(fc_weight=torch.zeros(0, 4)), "`fc_weight` must be \\[K, 4\\] with K >= 1"),
+    (dict(fc_bias=torch.zeros(4)), "`fc_bias` must be \\[5\\]"),
+    (dict(channels=torch.tensor([-2])), "channel indices must lie in \\[-1, 3\\), got \\[-2, -2\\]"),
+    (dict(channels=torch.tensor([3])), "channel indices must lie in \\[-1, 3\\)"),
+    (dict(a=torch.zeros(2, 3, 6, 6, dtype=torch.float64)), "`weight` is Float but the activations"),
+])
+def test_ablate_conv_head_errors(change, match):
+    a, w = torch.randn(2, 3, 6, 6), torch.randn(4, 3, 3, 3)
+    kw = dict(a=a, weight=w, z=F.conv2d(a, w, None, 1, 1), scale=torch.ones(4), shift=torch.zeros(4),
+              channels=torch.tensor([0]), residual=None, fc_weight=torch.zeros(5, 4), fc_bias=None)
+    kw.update(change)
+    with pytest.raises(RuntimeError, match=match):
+        cp.ablate_conv_head(kw["a"], kw["weight"], kw["z"], kw["scale"], kw["shift"],
+                            kw["channels"], (1, 1), (1, 1), (1, 1), False, kw["residual"], True,
+                            kw["fc_weight"], kw["fc_bias"])
+
+
+def test_ablate_conv_head_isa_override_checked(monkeypatch):
+    a, w = torch.randn(1, 2, 4, 4), torch.randn(3, 2, 3, 3)
+    args = (a, w, F.conv2d(a, w, None, 1, 1), torch.ones(3), torch.zeros(3), torch.tensor([0]),
+            (1, 1), (1, 1), (1, 1), False, None, False, torch.zeros(2, 3), None)
+    monkeypatch.setenv("CARPRUNE_CPU_ISA", "sse9")
+    with pytest.raises(RuntimeError, match="CARPRUNE_CPU_ISA must be default, avx2 or avx512, "
+                                           "got 'sse9'"):
+        cp.ablate_conv_head(*args)

@@ -439,3 +439,68 @@ def test_count_cost_lenet_and_pruned(lenet, resnet20):
     assert s.layer("layer1.0.conv2").filters == 13
     assert s.layer("layer1.0.conv2").flops == 32 * 32 * 13 * 9 * 16
     assert s.layer("layer1.1.conv1").inputs == 16
+
+
+# -- linear neurons and Conv1d filters -------------------------------------------------------------
+def test_lenet5_fc1_pruned_equals_masked(lenet, mnist_test, tmp_path):
+    """Removing fc1 neurons removes fc1's rows and fc2's columns; the smaller network computes
+    what LeNet-5 computes with those features zeroed after fc1's ReLU."""
+    m64 = copy.deepcopy(lenet).double()
+    x = mnist_test.batch(slice(0, 200))[0].double()
+    removed = list(range(3, 500, 7))
+    p = surgery.prune_filters(m64, "fc1", removed)
+    kept = [i for i in range(500) if i not in removed]
+    assert p.fc1.out_features == len(kept) == p.fc2.in_features
+    assert p.fc1.weight.shape == (len(kept), 800) and p.fc2.weight.shape == (10, len(kept))
+    assert torch.equal(p.fc1.bias, m64.fc1.bias[kept]) and torch.equal(p.fc2.weight, m64.fc2.weight[:, kept])
+    assert (run(p, x) - masked_output(m64, {"relu": removed}, x)).abs().max().item() < 1e-12
+    assert surgery.kept_channels(p) == {"fc1": kept}
+    # pruning again numbers the neurons as the model computes them now
+    q = surgery.prune_filters(p, "fc1", [0, 1])
+    assert surgery.kept_channels(q) == {"fc1": kept[2:]}
+    assert (run(q, x) - masked_output(m64, {"relu": removed + kept[:2]}, x)).abs().max().item() < 1e-12
+    surgery.save_pruned(q, tmp_path / "fc")
+    back = surgery.load_pruned(tmp_path / "fc", cp.models.lenet5().double())
+    assert torch.equal(run(back, x), run(q, x))
+    # the cost of the narrowed layers
+    rep = count_cost(q, (1, 28, 28))
+    assert rep.layer("fc1").flops == 800 * (len(kept) - 2)
+    assert rep.layer("fc2").flops == (len(kept) - 2) * 10
+
+
+def test_conv1d_and_batchnorm1d_narrowed():
+    from test_engine import conv1d_net
+
+    m = conv1d_net()
+    x = torch.randn(9, 2, 32, dtype=torch.float64)
+    p = surgery.prune_filters(m, "conv1", [0, 5, 11])
+    assert p.conv1.out_channels == 9 and p.bn1.num_features == 9 and p.conv2.in_channels == 9
+    assert (run(p, x) - masked_output(m, {"pool1": [0, 5, 11]}, x)).abs().max().item() < 1e-12
+    # conv2 feeds pool -> flatten -> fc: fc loses each channel's block of 4 columns
+    p2 = surgery.prune_filters(m, "conv2", [1, 6])
+    assert p2.conv2.out_channels == 6 and p2.fc.in_features == 24
+    assert (run(p2, x) - masked_output(m, {"pool2": [1, 6]}, x)).abs().max().item() < 1e-12
+
+
+def test_linear_feeding_a_residual_add_is_refused():
+    class Mlp(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc1 = nn.Linear(6, 6)
+            self.fc2 = nn.Linear(6, 3)
+
+        def forward(self, x):
+            return self.fc2(torch.relu(self.fc1(x)) + x)
+
+    with pytest.raises(graph.CutError, match="only Conv2d layers keep their width by scattering"):
+        surgery.prune_filters(Mlp(), "fc1", [0])
+
+
+def test_count_cost_conv1d():
+    from test_engine import conv1d_net
+
+    rep = count_cost(conv1d_net(), (2, 32))
+    # conv1: 32 outputs x 12 filters x 5 taps x 2 inputs; conv2: 14 outputs x 8 x 3 x 12
+    assert rep.layer("conv1").flops == 32 * 12 * 5 * 2 and rep.layer("conv1").kernel == (1, 5)
+    assert rep.layer("conv2").flops == 14 * 8 * 3 * 12 and rep.layer("conv2").out_size == (1, 14)
+    assert rep.layer("fc").flops == 32 * 5

@@ -1,14 +1,17 @@
 """carprune: structural compression and interpretation of CNNs by CAR importance.
 
-Score every filter of a conv layer (`score_layer`), compress greedily (`compress_layer`,
-`compress_layers`, `compress_global`), cut networks physically (`prune_filters`), add Deep
-Compression (`deep_compress`) and explain filters (`interpret`).
+Score every filter of a conv layer or neuron of a linear layer (`score_layer`, by top-1 CAR or
+any `metric`: top-k, NLL, RAR's squared/absolute error, a per-sample function), compress
+greedily (`compress_layer`, `compress_layers`, `compress_global`), cut networks physically
+(`prune_filters`), add Deep Compression (`deep_compress`), explain filters (`interpret`) and
+compare two layers of two networks (`compare`).
 """
 
 import torch  # noqa: F401  (loads libtorch before the extension)
 
-from . import _ops, data, io, models  # noqa: F401  (_ops registers the native ops)
-from ._ops import ablate_conv, class_correct_counts
+from . import _ops, data, io, metrics, models  # noqa: F401  (_ops registers the native ops)
+from ._ops import ablate_conv, ablate_conv_head, class_correct_counts
+from .compare import Comparison, compare
 from .cost import CostReport, LayerCost, count_cost
 from .criteria import filter_importance
 from .deepcompress import (
@@ -27,6 +30,7 @@ from .global_mode import GlobalCompressionResult, compress_global, compress_laye
 from .graph import CutError, conv_layers
 from .greedy import CompressionResult, Step, compress_layer
 from .interpret import InterpretationReport, build_report, interpret
+from .kse import KSEConv2d, KSELayer, KSEResult, kse_compress
 from .scores import LayerScores
 from .surgery import (
     ScatteredConv2d,
@@ -41,6 +45,7 @@ from .surgery import (
 __version__ = "0.1.0"
 
 __all__ = [
+    "Comparison",
     "CompressionResult",
     "CorruptFileError",
     "CostReport",
@@ -50,6 +55,9 @@ __all__ = [
     "FineTune",
     "GlobalCompressionResult",
     "InterpretationReport",
+    "KSEConv2d",
+    "KSELayer",
+    "KSEResult",
     "LayerCost",
     "LayerReport",
     "LayerScorer",
@@ -57,9 +65,11 @@ __all__ = [
     "ScatteredConv2d",
     "Step",
     "ablate_conv",
+    "ablate_conv_head",
     "build_report",
     "channel_origins",
     "class_correct_counts",
+    "compare",
     "compress_global",
     "compress_layer",
     "compress_layers",
@@ -73,8 +83,10 @@ __all__ = [
     "interpret",
     "io",
     "kept_channels",
+    "kse_compress",
     "load_compressed",
     "load_pruned",
+    "metrics",
     "models",
     "prune_filters",
     "read_compressed",

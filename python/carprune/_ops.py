@@ -30,6 +30,15 @@ def _ablate_conv_fake(a, weight, z, scale, shift, channels, stride, padding, dil
     return a.new_empty((channels.shape[0], a.shape[0], weight.shape[0], ho, wo))
 
 
+@torch.library.register_fake("carprune::ablate_conv_head")
+def _ablate_conv_head_fake(a, weight, z, scale, shift, channels, stride, padding, dilation, relu,
+                           residual, relu_after, fc_weight, fc_bias):
+    torch._check(a.dim() == 4 and weight.dim() == 4, lambda: "a and weight must be 4-D")
+    torch._check(fc_weight.dim() == 2 and fc_weight.shape[1] == weight.shape[0],
+                 lambda: "fc_weight must be [K, F]")
+    return a.new_empty((channels.shape[0], a.shape[0], fc_weight.shape[0]))
+
+
 @torch.library.register_fake("carprune::class_correct_counts")
 def _class_correct_counts_fake(logits, labels, topk=1):
     torch._check(logits.dim() == 3, lambda: "logits must be [m, B, K]")
@@ -55,6 +64,39 @@ def ablate_conv(
     """
     return torch.ops.carprune.ablate_conv(
         a, weight, z, scale, shift, channels, list(stride), list(padding), list(dilation), relu
+    )
+
+
+def ablate_conv_head(
+    a: torch.Tensor,
+    weight: torch.Tensor,
+    z: torch.Tensor,
+    scale: torch.Tensor,
+    shift: torch.Tensor,
+    channels: torch.Tensor,
+    stride: tuple[int, int] = (1, 1),
+    padding: tuple[int, int] = (0, 0),
+    dilation: tuple[int, int] = (1, 1),
+    relu: bool = False,
+    residual: torch.Tensor | None = None,
+    relu_after: bool = False,
+    fc_weight: torch.Tensor | None = None,
+    fc_bias: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """``[m, B, K]`` logits of the standard residual-network ending after the fused consumer.
+
+    Per channel s = ``channels[j]`` (-1: nothing removed) and image b:
+    ``v = act_after(act(scale * (z - conv(a[:, s], weight[:, s])) + shift) + residual)``
+    (act: ReLU if ``relu``; act_after: ReLU if ``relu_after``; no residual term if None), then
+    the global average pool over positions and ``fc_weight @ pooled + fc_bias``. Up to float
+    rounding this is ablate_conv followed by add, ReLU, ``mean((2, 3))`` and ``F.linear``, without
+    the ``[m, B, F, Ho, Wo]`` feature map.
+    """
+    if fc_weight is None:
+        raise ValueError("ablate_conv_head needs fc_weight, the [K, F] weight of the final linear layer")
+    return torch.ops.carprune.ablate_conv_head(
+        a, weight, z, scale, shift, channels, list(stride), list(padding), list(dilation), relu,
+        residual, relu_after, fc_weight, fc_bias
     )
 
 

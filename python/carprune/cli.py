@@ -13,6 +13,7 @@ import argparse
 import hashlib
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -32,7 +33,16 @@ from .config import ConfigError, Option, merge_settings, read_config
 from .data.arrays import ImageArrayDataset
 from .graph import CutError
 from .io import read_json, write_json
-from .logging_utils import MODES, StepLogger, format_seconds, heartbeat, log, resolve_mode, setup_logging
+from .logging_utils import (
+    MODES,
+    PhaseProgress,
+    StepLogger,
+    format_seconds,
+    heartbeat,
+    log,
+    resolve_mode,
+    setup_logging,
+)
 from .scores import LayerScores
 from .threads import resolve_threads
 
@@ -119,6 +129,8 @@ SCORING_OPTS = [
     Option("memory_budget", "str", None, "bound on what scoring holds: cached activations and each "
            "batch (e.g. 2GiB, 512MB; default 2GiB)"),
     Option("dtype", "str", "float32", "scoring precision", choices=tuple(DTYPES)),
+    Option("metric", "str", None, "what a removal is measured by: top1 (CAR), topK (e.g. top5), nll, "
+           "or for regression targets mse, mae (RAR); default: top-k accuracy with --topk"),
 ]
 
 
@@ -126,14 +138,16 @@ def command_options() -> dict[str, list[Option]]:
     """Every subcommand's settings (the flags and the config keys are the same names)."""
     return {
         "score": _common() + MODEL_OPTS + _data_opts() + SCORING_OPTS + [
-            Option("layer", "strs", None, "conv layer(s) to score, comma-separated, or 'all'",
+            Option("layer", "strs", None, "conv or linear layer(s) to score, comma-separated, or "
+                   "'all' (every conv layer)",
                    required=True),
             Option("filters", "ints", None, "score only these filters (default: all)"),
             Option("removed", "ints", None, "filters to treat as already removed"),
-            Option("topk", "int", 1, "a prediction counts as correct if the label is in the top k"),
+            Option("topk", "int", 1, "a prediction counts as correct if the label is in the top k "
+                   "(when --metric is not given)"),
         ],
         "compress": _common() + MODEL_OPTS + _data_opts() + EVAL_OPTS + TRAIN_OPTS + SCORING_OPTS + [
-            Option("layer", "str", None, "conv layer to compress", required=True),
+            Option("layer", "str", None, "conv or linear layer to compress", required=True),
             Option("criterion", "str", "car", "filter ranking", choices=CRITERIA),
             Option("keep", "number", None, "filters to keep: a count, or a fraction like 0.5 "
                    "(default 1, or as many as --max-drop allows)"),
@@ -169,13 +183,19 @@ def command_options() -> dict[str, list[Option]]:
             Option("bits", "spec", None, "weight-sharing bits: 8, or conv=8,linear=5,<layer>=..."),
             Option("index_bits", "spec", None, "relative-index bits: as --bits"),
             Option("finetune_iters", "iters", 0, "retraining iterations after pruning and of the "
-                   "shared values: N, or N1,N2"),
+                   "shared values: N, or N1,N2. The budget that keeps accuracy: 200,100 (measured on the "
+                   "whole ResNet-20 at the default pruning, lr 1e-3, batch 64, 10,000 CIFAR-10 "
+                   "training images: hold-out accuracy 81.35 -> 81.05 percent; with 20,10 it fell "
+                   "to 74.10, with 0 to 55.45; README, Deep Compression)"),
             Option("lr", "float", 1e-3, "retraining learning rate"),
             Option("optimizer", "str", "sgd", "retraining optimiser", choices=("sgd", "adam")),
             Option("batch_size", "int", 64, "retraining batch size"),
             Option("train_scope", "str", "selected", "retrain only the compressed layers or all",
                    choices=("selected", "all")),
             Option("kmeans_iters", "int", 300, "k-means iterations"),
+            Option("warn_drop", "float", 0.02, "warn (log line, and 'warnings' in report.json) "
+                   "when a phase - pruning + retraining, or weight sharing + fine-tuning - loses "
+                   "more accuracy than this on --data (a fraction: 0.02 = 2 points)"),
         ],
         "report": _common() + [
             Option("inputs", "paths", None, "output directories of score, compress or deep-compress "
@@ -187,7 +207,9 @@ def command_options() -> dict[str, list[Option]]:
             Option("search_images", "int", None, "images searched for top activating patches "
                    "(default: all)"),
             Option("patches", "int", 9, "top activating patches per filter"),
-            Option("top_classes", "int", 5, "classes of highest and lowest CAR_c per filter"),
+            Option("top_classes", "int", 5, "per filter, at most this many classes that lose "
+                   "(CAR_c > 0) and that gain (CAR_c < 0) most accuracy without it; classes "
+                   "whose accuracy does not change are not listed"),
             Option("memory_budget", "str", None, "memory bound of any scoring the pages need"),
         ],
         "bench": _common(out_required=False, out_default="out/bench") + [
@@ -211,10 +233,16 @@ EXTRA_OPTIONS: dict[str, Callable[[], list[Option]]] = {}
 
 
 def register_command(module: Any) -> None:
-    """Add the subcommand defined by `module` (NAME, HELP, options, run) to the command line."""
+    """Add the subcommand defined by `module` (NAME, HELP, options, run) to the command line.
+    An optional POSITIONAL names the one setting given without its flag (``inspect PATH``)."""
     EXTRA_OPTIONS[module.NAME] = module.options
     HELP[module.NAME] = module.HELP
     COMMANDS[module.NAME] = module.run
+    if getattr(module, "POSITIONAL", None):
+        POSITIONAL[module.NAME] = module.POSITIONAL
+
+
+POSITIONAL: dict[str, str] = {}  # command -> the setting given as a positional argument
 
 
 HELP = {
@@ -222,7 +250,9 @@ HELP = {
     "compress": "greedy structural compression of one conv layer (checkpointed, resumable)",
     "finetune": "fine-tune a compressed model (the CAR paper's per-layer learning rates)",
     "deep-compress": "Deep Compression: prune, share weights, Huffman-code into a .cpz file",
-    "report": "merge output directories (e.g. one per array task) into one report",
+    "report": "merge output directories (e.g. one per array task) into one report: index.html, "
+              "a table of the layers, each linking to its interpretation page (with --model and "
+              "--data)",
     "bench": "timing benchmarks",
     "layers": "list the conv layers of a model (one per line: name, filters), e.g. for array jobs",
 }
@@ -255,6 +285,9 @@ def build_parser() -> argparse.ArgumentParser:
                 text += " [required]"
             if name == "report" and o.name == "inputs":
                 p.add_argument("inputs", nargs="*", default=argparse.SUPPRESS, metavar="DIR", help=text)
+            elif POSITIONAL.get(name) == o.name:
+                p.add_argument(o.name, nargs="?", default=argparse.SUPPRESS,
+                               metavar=o.metavar or o.name.upper(), help=text)
             elif o.kind == "bool":
                 p.add_argument(o.flag, dest=o.name, action=argparse.BooleanOptionalAction,
                                default=argparse.SUPPRESS, help=text)
@@ -365,9 +398,13 @@ def _scores_doc(s: LayerScores, fingerprint: str, settings: Mapping[str, Any]) -
     return {
         "format": "carprune.scores", "layer": s.layer, "fingerprint": fingerprint,
         "num_images": s.num_images, "topk": s.topk, "classes": s.classes,
-        "removed": s.removed, "base_accuracy": s.base_accuracy,
-        "filters": s.filters.tolist(), "car": s.car.tolist(), "car_c": s.car_c.tolist(),
-        "accuracy": s.accuracy.tolist(),
+        "removed": s.removed, "metric": s.metric, "higher_is_better": s.higher_is_better,
+        "base_value": s.base_value, "filters": s.filters.tolist(),
+        "importance": s.importance.tolist(), "importance_c": s.importance_c.tolist(),
+        "value": s.value.tolist(),
+        # the CAR names, for top-k accuracy
+        **({"base_accuracy": s.base_accuracy, "car": s.car.tolist(), "car_c": s.car_c.tolist(),
+            "accuracy": s.accuracy.tolist()} if s.is_accuracy else {}),
         "least_important_first": [int(s.filters[i]) for i in order],
         "settings": _jsonable(settings),
     }
@@ -388,6 +425,8 @@ def cmd_score(s: dict[str, Any], ctx: distributed.Context, run: Run, mode: str) 
     data = _load_data(s, ctx, s["data"], s.get("split"))
     layers, every = _layers(model, s["layer"])
     basis = {k: s.get(k) for k in SCORE_KEYS}
+    if s.get("metric") is not None:   # (runs without --metric keep their fingerprints)
+        basis["metric"] = s["metric"]
     basis["weights"] = _file_id(s.get("weights"))
     basis["data"] = _file_id(s["data"])
     fp = _digest(basis)
@@ -419,6 +458,7 @@ def cmd_score(s: dict[str, Any], ctx: distributed.Context, run: Run, mode: str) 
             scorer.remove(s["removed"])
         ds = distributed.DistributedScorer(scorer, ctx)
         n = len(s["filters"]) if s.get("filters") is not None else len(scorer.alive)
+        log.info("%s: plan\n  %s", layer, scorer.describe().replace("\n", "\n  "))
         log.info("%s: scoring %d filters on %d images%s", layer, n, len(scorer.indices),
                  f" across {ctx.world_size} ranks" if ctx.world_size > 1 else "")
         t0 = time.monotonic()
@@ -429,7 +469,8 @@ def cmd_score(s: dict[str, Any], ctx: distributed.Context, run: Run, mode: str) 
         if ctx.is_main:
             res.save(d / "scores.npz")
             doc = _scores_doc(res, fp, s)
-            doc.update(seconds=round(seconds, 3), world_size=ctx.world_size)
+            doc.update(seconds=round(seconds, 3), world_size=ctx.world_size,
+                       path=scorer.path, plan=scorer.describe())
             write_json(prev, doc)  # last: marks the layer complete
             print(res.summary(), flush=True)
         done.append(layer)
@@ -448,7 +489,7 @@ def _make_scorer(model: nn.Module, layer: str, data: Any, s: Mapping[str, Any],
 
     return LayerScorer(model, layer, data, num_images=s.get("num_images"), seed=s["seed"],
                        memory_budget=s.get("memory_budget"), device=ctx.device,
-                       dtype=DTYPES[s["dtype"]], topk=s.get("topk", 1),
+                       dtype=DTYPES[s["dtype"]], topk=s.get("topk", 1), metric=s.get("metric"),
                        progress=mode == "bar" and ctx.is_main)
 
 
@@ -557,7 +598,8 @@ def cmd_compress(s: dict[str, Any], ctx: distributed.Context, run: Run, mode: st
 
     try:
         result = greedy.compress_layer(
-            model, s["layer"], data, eval_data=eval_data, criterion=s["criterion"], keep=s.get("keep"),
+            model, s["layer"], data, eval_data=eval_data, criterion=s["criterion"],
+            metric=s.get("metric"), keep=s.get("keep"),
             max_drop=s.get("max_drop"), filters_per_step=s["filters_per_step"],
             score_images=s.get("num_images"), eval_images=s.get("eval_images"), finetune=ft,
             checkpoint=my_ckpt, lazy=s["lazy"], seed=s["seed"], memory_budget=s.get("memory_budget"),
@@ -574,9 +616,12 @@ def cmd_compress(s: dict[str, Any], ctx: distributed.Context, run: Run, mode: st
         save_result(result, out)
         first, last = result.trajectory[0], _final_step(result)
         acc = (lambda st: st.holdout_accuracy if st.holdout_accuracy is not None else st.score_accuracy)
+        if re.fullmatch(r"top\d+", result.metric):
+            change = f"accuracy {100 * acc(first):.2f} % -> {100 * acc(last):.2f} %"
+        else:
+            change = f"{result.metric} {acc(first):.4g} -> {acc(last):.4g}"
         print(f"{result.layer}: kept {len(result.kept)} of {result.num_filters} filters "
-              f"({result.compression_ratio:.2f}x), accuracy {100 * acc(first):.2f} % -> "
-              f"{100 * acc(last):.2f} %, FLOPs {first.flops:,} -> {last.flops:,}, "
+              f"({result.compression_ratio:.2f}x), {change}, FLOPs {first.flops:,} -> {last.flops:,}, "
               f"params {first.params:,} -> {last.params:,}"
               + (f", fine-tuned {100 * result.finetuned_holdout_accuracy:.2f} %"
                  if result.finetuned_holdout_accuracy is not None else ""), flush=True)
@@ -675,12 +720,15 @@ def cmd_deep_compress(s: dict[str, Any], ctx: distributed.Context, run: Run, mod
         train = _load_data(s, ctx, s.get("train_data") or s["data"], s.get("train_split"))
     elif s["finetune_iters"] not in (0, (0, 0)):
         raise ConfigError("--finetune-iters needs training images (--train-data/--train-split)")
-    with heartbeat("deep compression", s["log_interval"], mode == "log"):
+    # progress per phase: bars on a terminal; in batch logs a line per phase and every
+    # --log-interval seconds (phase, step, loss)
+    with PhaseProgress(mode, s["log_interval"], "deep compression") as on_progress:
         res = deep_compress(model, train, evald, layers=s.get("layers"), prune=s.get("prune"),
                             bits=s.get("bits"), index_bits=s.get("index_bits"),
                             finetune_iters=s["finetune_iters"], lr=s["lr"], optimizer=s["optimizer"],
                             batch_size=s["batch_size"], train_scope=s["train_scope"],
-                            kmeans_iters=s["kmeans_iters"], seed=s["seed"], progress=mode == "bar")
+                            kmeans_iters=s["kmeans_iters"], seed=s["seed"],
+                            warn_drop=s["warn_drop"], on_progress=on_progress)
     size = save_compressed(res, out / "model.cpz")
     md = res.report.to_markdown()
     atomic_write(out / "report.md", lambda f: f.write(md + "\n"), mode="w")
@@ -691,85 +739,11 @@ def cmd_deep_compress(s: dict[str, Any], ctx: distributed.Context, run: Run, mod
 
 
 # -- report --------------------------------------------------------------------------------------
-def _read_output(d: Path) -> dict[str, Any]:
-    """One output directory as a report row (compress, score or deep-compress)."""
-    if (d / "result.json").is_file():
-        r = read_json(d / "result.json", "compress result")
-        traj = r["trajectory"]
-        first = traj[0]
-        last = next((st for st in traj if st["kept"] == len(r["kept"])), traj[-1])
-        acc = (lambda st: st["holdout_accuracy"] if st["holdout_accuracy"] is not None
-               else st["score_accuracy"])
-        return {"kind": "compress", "dir": str(d), "layer": r["layer"], "criterion": r["criterion"],
-                "filters": r["num_filters"], "kept": len(r["kept"]),
-                "ratio": r["num_filters"] / max(1, len(r["kept"])),
-                "accuracy_before": acc(first), "accuracy_after": acc(last),
-                "finetuned_accuracy": r.get("finetuned_holdout_accuracy"),
-                "flops_before": first["flops"], "flops_after": last["flops"],
-                "params_before": first["params"], "params_after": last["params"],
-                "layer_bytes_before": first["layer_bytes"], "layer_bytes_after": last["layer_bytes"],
-                "steps": len(traj) - 1}
-    if (d / "scores.json").is_file():
-        doc = read_json(d / "scores.json", "scores")
-        if doc.get("format") == "carprune.scores-index":
-            raise ValueError(f"{d} holds several layers' scores; pass its layer directories")
-        car = np.array(doc["car"])
-        return {"kind": "score", "dir": str(d), "layer": doc["layer"], "filters": len(car),
-                "num_images": doc["num_images"], "base_accuracy": doc["base_accuracy"],
-                "max_car": float(car.max()) if len(car) else None,
-                "mean_car": float(car.mean()) if len(car) else None,
-                "zero_car_filters": int((car <= 0).sum()),
-                "least_important": doc["least_important_first"][:5]}
-    if (d / "report.json").is_file():
-        r = read_json(d / "report.json", "deep-compress report")
-        return {"kind": "deep-compress", "dir": str(d), "arch": r["arch"],
-                "bytes_before": r["model_bytes_before"], "file_bytes": r["file_bytes"],
-                "ratio": r["model_bytes_before"] / r["file_bytes"], "accuracy": r["accuracy"]}
-    raise FileNotFoundError(f"{d}: no result.json, scores.json or report.json (an unfinished or "
-                            "failed run?)")
-
-
-def _markdown(title: str, rows: list[dict[str, Any]]) -> str:
-    lines = [f"# {title}", ""]
-    comp = [r for r in rows if r["kind"] == "compress"]
-    if comp:
-        lines += ["## Compressed layers", "",
-                  "| layer | criterion | filters | kept | ratio | accuracy before | after | fine-tuned "
-                  "| FLOPs before | after | layer bytes before | after |",
-                  "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
-        for r in comp:
-            ft = f"{100 * r['finetuned_accuracy']:.2f} %" if r["finetuned_accuracy"] is not None else "-"
-            lines.append(f"| {r['layer']} | {r['criterion']} | {r['filters']} | {r['kept']} | "
-                         f"{r['ratio']:.2f}x | {100 * r['accuracy_before']:.2f} % | "
-                         f"{100 * r['accuracy_after']:.2f} % | {ft} | {r['flops_before']:,} | "
-                         f"{r['flops_after']:,} | {r['layer_bytes_before']:,} | {r['layer_bytes_after']:,} |")
-        lines.append("")
-    sc = [r for r in rows if r["kind"] == "score"]
-    if sc:
-        lines += ["## Scored layers", "", "| layer | filters | images | base accuracy | max CAR | "
-                  "mean CAR | filters with CAR <= 0 | least important |",
-                  "|---|---:|---:|---:|---:|---:|---:|---|"]
-        for r in sc:
-            lines.append(f"| {r['layer']} | {r['filters']} | {r['num_images']} | "
-                         f"{100 * r['base_accuracy']:.2f} % | {100 * r['max_car']:+.2f} pts | "
-                         f"{100 * r['mean_car']:+.2f} pts | {r['zero_car_filters']} | "
-                         f"{', '.join(map(str, r['least_important']))} |")
-        lines.append("")
-    dc = [r for r in rows if r["kind"] == "deep-compress"]
-    if dc:
-        lines += ["## Deep Compression", "", "| directory | arch | bytes before | .cpz bytes | ratio |",
-                  "|---|---|---:|---:|---:|"]
-        for r in dc:
-            lines.append(f"| {r['dir']} | {r['arch']} | {r['bytes_before']:,} | {r['file_bytes']:,} | "
-                         f"{r['ratio']:.1f}x |")
-        lines.append("")
-    return "\n".join(lines)
-
-
 def cmd_report(s: dict[str, Any], ctx: distributed.Context, run: Run, mode: str) -> int:
-    """One table over all inputs (report.md/.json); with --model and --data also an
-    interpretation page per scored or compressed layer (`interpret.build_report`), linked from
-    index.html."""
+    """index.html, a landing page with one table over all inputs (also report.md/.json;
+    `interpret.landing`); with --model and --data also an interpretation page per scored or
+    compressed layer (`interpret.build_report`), linked from the table."""
+    from .interpret.landing import landing_page, markdown, read_output
     from .io import atomic_write
 
     out = Path(s["out"])
@@ -777,19 +751,19 @@ def cmd_report(s: dict[str, Any], ctx: distributed.Context, run: Run, mode: str)
     missing = [str(d) for d in dirs if not d.is_dir()]
     if missing:
         raise FileNotFoundError(f"not a directory: {', '.join(missing)}")
-    rows = [_read_output(d) for d in dirs]
+    rows = [read_output(d) for d in dirs]
     rows.sort(key=lambda r: (r["kind"], r.get("layer", ""), r["dir"]))
     if s.get("model") is not None and s.get("data") is not None:
         _interpretation_pages(rows, out, s, ctx, mode)
     elif s.get("model") is not None or s.get("data") is not None:
         raise ConfigError("interpretation pages need both --model and --data")
-    md = _markdown(s["title"], rows)
+    md = markdown(s["title"], rows)
     atomic_write(out / "report.md", lambda f: f.write(md + "\n"), mode="w")
-    if any("page" in r for r in rows):
-        page = _index_html(s["title"], rows)
-        atomic_write(out / "index.html", lambda f: f.write(page), mode="w")
     write_json(out / "report.json", {"format": "carprune.report", "title": s["title"], "rows": rows})
+    page = landing_page(s["title"], rows)
+    atomic_write(out / "index.html", lambda f: f.write(page), mode="w")
     print(md, flush=True)
+    print(f"report: {out / 'index.html'}", flush=True)
     return EXIT_OK
 
 
@@ -817,19 +791,9 @@ def _interpretation_pages(rows: list[dict[str, Any]], out: Path, s: Mapping[str,
                          top_classes=s["top_classes"], patches=s["patches"],
                          num_images=s.get("num_images"), search_images=s.get("search_images"),
                          seed=s["seed"], memory_budget=s.get("memory_budget"),
-                         device=str(ctx.device), progress=mode == "bar")
+                         device=str(ctx.device), progress=mode == "bar",
+                         back_link="../index.html")
         r["page"] = f"{name}/index.html"
-
-
-def _index_html(title: str, rows: list[dict[str, Any]]) -> str:
-    import html
-
-    items = "\n".join(
-        f'<li><a href="{html.escape(r["page"])}">{html.escape(r["layer"])}</a> ({r["kind"]}, '
-        f"{html.escape(r['dir'])})</li>" for r in rows if "page" in r)
-    return (f"<!doctype html>\n<html><head><meta charset='utf-8'><title>{html.escape(title)}</title>"
-            f"</head><body><h1>{html.escape(title)}</h1><p>Table: <a href='report.md'>report.md</a>"
-            f"</p><ul>\n{items}\n</ul></body></html>\n")
 
 
 # -- layers --------------------------------------------------------------------------------------
@@ -1049,3 +1013,9 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 # -- commands in their own modules (imported last: they build on the pieces above) ---------------
+from .commands import inspect as _inspect  # noqa: E402
+
+register_command(_inspect)
+from .commands import kse_compress as _kse_compress  # noqa: E402
+
+register_command(_kse_compress)

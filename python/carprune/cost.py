@@ -4,7 +4,14 @@ For conv layer L with n_L filters of size f x f over n_{L-1} input channels and 
 k x k positions: FLOPs (multiply-accumulates) = k^2 n_L f^2 n_{L-1} and weight bytes =
 4 f^2 n_{L-1} n_L (float32). Spatial sizes come from forward hooks on one zero input, so strides,
 padding and pooling never have to be re-derived; a pruned `ScatteredConv2d` counts only the
-filters it computes. Linear layers count in_features x out_features MACs per output row.
+filters it computes. Linear layers count in_features x out_features MACs per output row; a
+Conv1d counts as a conv with a 1 x L output and 1 x k kernels.
+
+A KSE layer (`kse.KSEConv2d`, kind "kse"), whose kept input maps n' each have q_c shared kernels
+(Q = sum q_c) feeding n_L outputs: FLOPs = k^2 (f^2 Q + n_L (n' - 1)), i.e. one f x f
+convolution per centroid (f^2 multiply-accumulates per position) plus, per output channel and
+position, n' - 1 additions fusing the kept maps' results; params = f^2 Q (+ bias); bytes =
+4 f^2 Q + the packed kernel-to-centroid indices (`KSEConv2d.index_bytes`). `inputs` is n'.
 """
 
 from __future__ import annotations
@@ -21,7 +28,7 @@ class LayerCost:
     """Cost of one conv or linear layer for one input image."""
 
     name: str
-    kind: str                    # "conv" or "linear"
+    kind: str                    # "conv", "linear" or "kse" (`kse.KSEConv2d`)
     out_size: tuple[int, int]    # output spatial size (k x k for a square map; (1, 1) for linear)
     filters: int                 # n_L: filters computed (kept ones for a ScatteredConv2d); linear: outputs
     kernel: tuple[int, int]      # f x f (linear: (1, 1))
@@ -88,7 +95,9 @@ class CostReport:
 
 def count_cost(model: nn.Module, input_shape: tuple[int, ...] | torch.Size) -> CostReport:
     """Per conv/linear layer FLOPs, parameters and weight bytes of `model` for one input of
-    `input_shape` (C, H, W), measured with forward hooks on a single zero image in eval mode."""
+    `input_shape` (C, H, W), measured with forward hooks on a single zero image in eval mode.
+    KSE layers count as the module docstring says."""
+    from .kse import KSEConv2d  # here: kse builds on this module
     shape = tuple(int(s) for s in input_shape)
     if not shape or any(s <= 0 for s in shape):
         raise ValueError(f"input_shape must be positive sizes without the batch, e.g. (3, 32, 32), "
@@ -100,9 +109,21 @@ def count_cost(model: nn.Module, input_shape: tuple[int, ...] | torch.Size) -> C
 
     def hook(name: str):
         def record(mod: nn.Module, inp: tuple[Any, ...], out: torch.Tensor) -> None:
-            w = mod.weight
+            w = mod.centroids if isinstance(mod, KSEConv2d) else mod.weight
             params = w.numel() + (mod.bias.numel() if mod.bias is not None else 0)
-            if isinstance(mod, nn.Conv2d):
+            if isinstance(mod, KSEConv2d):
+                fh, fw = mod.kernel_size
+                ho, wo = int(out.shape[-2]), int(out.shape[-1])
+                n_l, kept, q = mod.out_channels, mod.num_maps, mod.num_centroids
+                cost = LayerCost(name, "kse", (ho, wo), n_l, (fh, fw), kept,
+                                 ho * wo * (fh * fw * q + n_l * (kept - 1)), params,
+                                 4 * w.numel() + mod.index_bytes)
+            elif isinstance(mod, nn.Conv1d):   # a 1 x L output, kernels 1 x k
+                n_l, n_in, fk = w.shape
+                lo = int(out.shape[-1])
+                cost = LayerCost(name, "conv", (1, lo), n_l, (1, fk), n_in, lo * n_l * fk * n_in,
+                                 params, 4 * w.numel())
+            elif isinstance(mod, nn.Conv2d):
                 n_l, n_in, fh, fw = w.shape
                 ho, wo = int(out.shape[-2]), int(out.shape[-1])
                 cost = LayerCost(name, "conv", (ho, wo), n_l, (fh, fw), n_in,
@@ -119,7 +140,7 @@ def count_cost(model: nn.Module, input_shape: tuple[int, ...] | torch.Size) -> C
         return record
 
     handles = [m.register_forward_hook(hook(name)) for name, m in model.named_modules()
-               if isinstance(m, nn.Conv2d | nn.Linear)]
+               if isinstance(m, nn.Conv2d | nn.Conv1d | nn.Linear | KSEConv2d)]
     was_training = model.training
     model.eval()
     try:

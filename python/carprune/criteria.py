@@ -1,13 +1,14 @@
 """Data-free filter importance criteria: the baselines CAR is compared with.
 
-Each returns one score per filter of a conv layer (higher = more important; greedy compression
-removes the lowest first):
+Each returns one score per filter of a conv layer, or per neuron (output feature) of a linear
+layer (higher = more important; greedy compression removes the lowest first):
 
 * ``random``: seeded uniform scores in [0, 1) (a control).
 * ``mean_in``: mean |w| over the filter's incoming weights W[i] (He et al. 2014, node pruning).
 * ``mean_out``: mean |w| over every weight that reads channel i downstream (He et al. 2014):
   W_next[:, i] of each consuming conv and the column block of channel i in a linear layer after a
-  flatten (block = in_features // channels). Consumers are found by following the output through
+  flatten (block = in_features // channels), or column i of a linear layer reading a linear
+  layer's features directly. Consumers are found by following the output through
   operations that keep the channel index (channel-wise ops, element-wise add/sub/mul such as a
   residual add, identity shortcuts); paths through anything else (e.g. a padding shortcut) are
   not followed.
@@ -25,6 +26,7 @@ import torch
 from torch import fx, nn
 
 from . import graph
+from .graph import num_units as _num_units
 from .surgery import ScatteredConv2d, _is_flatten, linears_after_flatten
 
 CRITERIA = ("random", "mean_in", "mean_out", "l1", "kse")
@@ -45,7 +47,7 @@ class Outgoing:
     kernels: torch.Tensor      # [channels, kernels per channel, kernel size]
 
 
-def _conv_weight(model: nn.Module, layer: str) -> nn.Conv2d:
+def _conv_weight(model: nn.Module, layer: str) -> nn.Module:
     gm = graph.trace(model)
     cut = graph.find_cut(gm, layer)
     if isinstance(cut.conv, ScatteredConv2d):
@@ -58,7 +60,8 @@ def outgoing_weights(model: nn.Module, layer: str) -> list[Outgoing]:
     """Every conv/linear weight block that reads `layer`'s output channels (see module docstring)."""
     gm = graph.trace(model)
     cut = graph.find_cut(gm, layer)
-    channels = cut.conv.out_channels
+    channels = _num_units(cut.conv)
+    linear_units = isinstance(cut.conv, nn.Linear)
     found: list[Outgoing] = []
     seen: set[fx.Node] = set()
     stack: list[tuple[fx.Node, fx.Node]] = [(u, cut.node) for u in cut.node.users]
@@ -69,10 +72,14 @@ def outgoing_weights(model: nn.Module, layer: str) -> list[Outgoing]:
         seen.add(node)
         if node.op == "call_module" and node.args == (src,) and not node.kwargs:
             m = gm.get_submodule(node.target)
-            if isinstance(m, nn.Conv2d) and m.groups == 1:
+            if isinstance(m, nn.Conv2d | nn.Conv1d) and m.groups == 1 and not linear_units:
                 w = m.weight.detach()
                 found.append(Outgoing(str(node.target), "conv",
-                                      w.permute(1, 0, 2, 3).reshape(channels, w.shape[0], -1)))
+                                      w.transpose(0, 1).reshape(channels, w.shape[0], -1)))
+                continue
+            if isinstance(m, nn.Linear) and linear_units:  # reads the features directly
+                w = m.weight.detach()
+                found.append(Outgoing(str(node.target), "linear", w.t().reshape(channels, -1, 1)))
                 continue
         if _is_flatten(gm, node, src):
             for name in linears_after_flatten(gm, node) or []:
@@ -137,8 +144,9 @@ def kse_scores(outgoing: list[Outgoing], alpha: float = KSE_ALPHA,
 
 
 def filter_importance(model: nn.Module, layer: str, criterion: str, seed: int = 0) -> torch.Tensor:
-    """Importance of each filter of conv `layer` under a data-free `criterion` (one of
-    `CRITERIA`), float64 [n_filters]; higher = more important, so greedy removal takes the lowest.
+    """Importance of each filter of conv `layer` (neuron of linear `layer`) under a data-free
+    `criterion` (one of `CRITERIA`), float64 [n_filters]; higher = more important, so greedy
+    removal takes the lowest.
 
     random: seeded U[0, 1); mean_in: mean |W[i]|; l1: sum |W[i]|; mean_out: mean |w| over the
     outgoing weights of channel i (`outgoing_weights`); kse: sqrt(s / (1 + e)) with min-max
@@ -147,7 +155,7 @@ def filter_importance(model: nn.Module, layer: str, criterion: str, seed: int = 
     if criterion not in CRITERIA:
         raise ValueError(f"unknown criterion {criterion!r}; choose from {', '.join(CRITERIA)}")
     conv = _conv_weight(model, layer)
-    n = conv.out_channels
+    n = _num_units(conv)
     w = conv.weight.detach().to(torch.float64).cpu()
     if criterion == "random":
         gen = torch.Generator().manual_seed(int(seed))

@@ -6,7 +6,8 @@ is the one a single process computes (counts are integers and a filter's count d
 on which other filters share its batch). Base counts need no exchange, every rank computes them;
 they are gathered anyway and compared, so ranks that were given different data fail loudly
 instead of producing a silently wrong ranking. Removals are applied on every rank from the
-gathered (identical) scores, so all ranks stay in lockstep through a greedy compression.
+gathered (identical) scores, so all ranks stay in lockstep through a greedy compression. Float
+metrics are integer fixed-point sums too (`carprune.metrics`), exchanged the same way.
 
 Preemption: a scheduler signals every rank, but not at the same instant. A rank stopping one
 step before another would leave the other blocked in a collective forever, so with several
@@ -18,6 +19,7 @@ Only rank 0 writes outputs and checkpoints; the others wait at a barrier.
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import signal
 import threading
@@ -236,9 +238,9 @@ class DistributedScorer:
                     f"{s.base_counts.tolist()}: the ranks score different images or models "
                     "(same seed, data and weights on every rank are required)")
         counts = torch.cat([p[:len(shard(filt, r, ctx.world_size))] for r, p in enumerate(parts)])
-        return LayerScores(layer=s.layer, filters=torch.tensor(filt, dtype=torch.int64),
-                           counts=counts, base_counts=s.base_counts, class_totals=s.class_totals,
-                           classes=s.classes, topk=s.topk, removed=list(s.removed))
+        # every other field (metric, scale, groups) is the same on every rank
+        return dataclasses.replace(s, filters=torch.tensor(filt, dtype=torch.int64), counts=counts,
+                                   removed=list(s.removed))
 
     def remove(self, filters: Sequence[int]) -> None:
         self._scorer.remove(filters)

@@ -5,9 +5,16 @@ Per chunk of images, the prefix (everything before the cut) runs once and the te
 across the cut are cached. Ablations are then evaluated in batches of m filters through the
 tail only. When the cut feeds one conv (+ BatchNorm + ReLU), that conv is not recomputed per
 ablation: its full pre-activation Z is computed once and the fused `ablate_conv` kernel takes
-out the removed channel's contribution. Logits become per-(ablation, class) correct counts in
-the `class_correct_counts` kernel. All counts are integers, so the result does not depend on
-chunk sizes, m or the thread count (up to float rounding inside the tail's own layers).
+out the removed channel's contribution. When the rest of the tail is the standard residual-network
+ending (residual add, ReLU, global average pool, linear; `head.find_fused_head`), the
+`ablate_conv_head` kernel evaluates consumer and ending together and returns the logits, with
+the unablated network as one more row. Logits become per-(ablation, class) correct counts in
+the `class_correct_counts` kernel, or, for any other metric (`carprune.metrics`: top-k, NLL,
+squared or absolute error of regression outputs per target bin, a per-sample function), per-
+(ablation, group) sums of the per-sample values in fixed point. All sums are integers, so the
+result does not depend on chunk sizes, m or the thread count (up to float rounding inside the
+tail's own layers). Units are the filters of a conv layer (Conv2d, Conv1d) or the neurons of a
+linear layer (on [batch, features] outputs).
 """
 
 from __future__ import annotations
@@ -22,9 +29,18 @@ import torch
 import torch.nn.functional as F
 from torch import fx, nn
 
-from . import _ops, graph
-from .data.batches import DataLike, class_names, load_batch, num_items, pick_indices, resolve
+from . import _ops, graph, metrics
+from .data.batches import (
+    DataLike,
+    class_names,
+    load_batch,
+    load_targets,
+    num_items,
+    pick_indices,
+    resolve,
+)
 from .fold import fold_conv_bn
+from .head import FusedHead, find_fused_head
 from .logging_utils import log
 from .scores import LayerScores
 
@@ -34,6 +50,9 @@ DEFAULT_MEMORY_BUDGET = 2 * 2**30
 # in batches of 50-100 images as in batches of 500 (see benchmarks/bench_batch_size.py).
 TARGET_CALL_BYTES = 4 * 2**20
 MAX_CALL_ROWS = 4096
+# (ablation, image) pairs per call of the fused-head kernel: each pair costs only its logits
+# (and, on CUDA, its pooled features), so calls are large and few.
+MAX_HEAD_PAIRS = 2**18
 
 _UNITS = {"": 1, "b": 1, "k": 2**10, "kb": 10**3, "kib": 2**10, "m": 2**20, "mb": 10**6,
           "mib": 2**20, "g": 2**30, "gb": 10**9, "gib": 2**30}
@@ -85,10 +104,11 @@ def _rows_for(max_bytes: int, total_bytes: int, budget: int) -> int:
 
 @dataclass
 class _Chunk:
-    labels: torch.Tensor                 # [B]
+    labels: torch.Tensor                 # [B] class labels, or regression targets [B(, D)]
     a: torch.Tensor                      # the cut activation [B, C, H, W], removed channels zero
     z: torch.Tensor | None               # fused consumer's pre-activation [B, F, Ho, Wo]
     others: dict[str, torch.Tensor]      # other live tensors the tail needs
+    groups: torch.Tensor | None = None   # [B] int64: each image's class or target bin
 
 
 class LayerScorer:
@@ -115,6 +135,9 @@ class LayerScorer:
         rows: int | None = None,
         progress: bool | None = None,
         classes: Sequence[str] | None = None,
+        fused_head: bool = True,
+        metric: str | metrics.Metric | metrics.PerSample | None = None,
+        bins: int | Sequence[float] | None = None,
     ) -> None:
         if dtype not in (torch.float32, torch.float64):
             raise ValueError(f"dtype must be torch.float32 or torch.float64, got {dtype}")
@@ -124,7 +147,9 @@ class LayerScorer:
         self.device = torch.device(device) if device is not None else (
             params[0].device if params else torch.device("cpu"))
         self.dtype = dtype
-        self.topk = topk
+        self.metric = metrics.get_metric(metric, topk)
+        self.topk = self.metric.topk or 1
+        self._bins = bins
         self.layer = layer
         self.budget = parse_bytes(memory_budget)
         if model.training:
@@ -140,6 +165,8 @@ class LayerScorer:
         # own chain: the prefix ends at the cut, so its BN-then-ReLU is folded exactly too)
         fold_conv_bn(self.split.prefix)
         fold_conv_bn(self.split.tail)
+        # the standard ending after the fused consumer, evaluated inside the ablation kernel
+        self.head: FusedHead | None = find_fused_head(self.split) if fused_head else None
         self.num_filters = self.cut.num_filters
         self.removed: list[int] = []
         self.data = resolve(data)
@@ -169,7 +196,7 @@ class LayerScorer:
                              f"({str(exc).splitlines()[0]})") from exc
 
     def _plan(self, rows: int | None) -> None:
-        x, _ = self._images(self.indices[:1])
+        x, y0 = self._images(self.indices[:1])
         with torch.no_grad():
             rec = _SizeRecorder(self.split.prefix)
             try:
@@ -183,6 +210,11 @@ class LayerScorer:
                         f"layer {self.layer!r}: the value {name!r} ({type(t).__name__}) computed "
                         "before the cut is used after it; batch-size dependent values (e.g. "
                         "x.size(0)) must be computed from tensors after the cut")
+            if isinstance(self.cut.conv, nn.Linear) and live[0].dim() != 2:
+                raise graph.CutError(
+                    f"layer {self.layer!r} is a Linear layer whose output here has shape "
+                    f"{tuple(live[0].shape)}; its neurons are scored on [batch, features] outputs "
+                    "only (a linear layer over a longer shape mixes a different dimension)")
             self.prefix_rows = _rows_for(rec.max_bytes, rec.total_bytes, self.budget // 4)
             inputs = self._tail_inputs(self._probe_chunk(live, torch.zeros(1)), 0, 1, None)
             trec = _SizeRecorder(self.split.tail)
@@ -190,8 +222,21 @@ class LayerScorer:
         if not (isinstance(logits, torch.Tensor) and logits.dim() == 2):
             raise ValueError("the model must return logits [batch, classes], got "
                              f"{type(logits).__name__} {getattr(logits, 'shape', '')}")
-        self.num_classes = int(logits.shape[1])
-        self.classes = class_names(self.data, self.num_classes, self._classes)
+        self.num_outputs = int(logits.shape[1])
+        regression = y0.is_floating_point()
+        targets = load_targets(self.data, self.indices) if regression else y0
+        names = [] if regression else class_names(self.data, self.num_outputs, self._classes)
+        self.bound = metrics.bind(self.metric, targets, self.num_outputs, names,
+                                  num_images=len(self.indices), bins=self._bins)
+        self.num_classes = self.bound.grouping.size    # groups: classes or target bins
+        self.classes = list(self.bound.grouping.names)
+        if self.head is not None and self.head.residual is not None:
+            res = inputs[self.split.tail_inputs.index(self.head.residual)]
+            if res.shape != inputs[0].shape:  # e.g. broadcast in the add: keep the tail graph
+                self.head = None
+        per_pair = self.num_outputs + (self.fused.conv.out_channels if self.fused else 0)
+        self.head_rows = max(1, min(MAX_HEAD_PAIRS, (self.budget // 4) // (
+            per_pair * torch.empty((), dtype=self.dtype).element_size())))
         tail_row = sum(_bytes_per_row(t) for t in inputs) + trec.total_bytes
         self.rows = rows or _rows_for(max(trec.max_bytes, _bytes_per_row(inputs[0])), tail_row,
                                       self.budget // 4)
@@ -238,10 +283,13 @@ class LayerScorer:
             labels.append(y)
             del x, outs
         y = torch.cat(labels)
-        if y.numel() and (int(y.min()) < 0 or int(y.max()) >= self.num_classes):
-            raise ValueError(f"labels must lie in [0, {self.num_classes}) for a model with "
-                             f"{self.num_classes} outputs, got [{int(y.min())}, {int(y.max())}]")
-        return self._make_chunk(live, y)
+        if self.bound.grouping.kind == "class" and y.numel() and (
+                int(y.min()) < 0 or int(y.max()) >= self.num_outputs):
+            raise ValueError(f"labels must lie in [0, {self.num_outputs}) for a model with "
+                             f"{self.num_outputs} outputs, got [{int(y.min())}, {int(y.max())}]")
+        chunk = self._make_chunk(live, y)
+        chunk.groups = self.bound.grouping.assign(y)
+        return chunk
 
     def _iter_chunks(self) -> Iterator[_Chunk]:
         if self._chunks is not None:
@@ -288,7 +336,7 @@ class LayerScorer:
                 if channels is None:
                     out.append(a)
                 else:
-                    v = a.unsqueeze(0).repeat(m, 1, 1, 1, 1)
+                    v = a.unsqueeze(0).repeat(m, *([1] * a.dim()))
                     v[torch.arange(m, device=a.device), :, channels] = 0
                     out.append(v.view(m * b, *a.shape[1:]))
             else:
@@ -297,12 +345,53 @@ class LayerScorer:
                            t.unsqueeze(0).expand(m, *t.shape).reshape(m * b, *t.shape[1:]))
         return out
 
-    def _correct(self, ch: _Chunk, b0: int, b1: int, channels: torch.Tensor | None) -> torch.Tensor:
+    def _logits(self, ch: _Chunk, b0: int, b1: int, channels: torch.Tensor | None
+                ) -> torch.Tensor:
+        """[m, b1 - b0, K]: the network's outputs for images b0:b1 under each ablation in
+        `channels` (None: no ablation; with the fused head also channel -1)."""
+        if self.head is not None:
+            if channels is None:
+                channels = torch.full((1,), -1, dtype=torch.int64, device=self.device)
+            res = ch.others[self.head.residual][b0:b1] if self.head.residual is not None else None
+            return self.head.logits(self.fused, ch.a[b0:b1], self._w, ch.z[b0:b1], self._scale,
+                                    self._shift, channels, res)
         m = 1 if channels is None else int(channels.numel())
-        logits = self.split.tail(*self._tail_inputs(ch, b0, b1, channels))
-        return _ops.class_correct_counts(logits.view(m, b1 - b0, -1), ch.labels[b0:b1], self.topk)
+        return self.split.tail(*self._tail_inputs(ch, b0, b1, channels)).view(m, b1 - b0, -1)
+
+    def _correct(self, ch: _Chunk, b0: int, b1: int, channels: torch.Tensor | None) -> torch.Tensor:
+        """int64 [m, G]: the metric summed per group (class or target bin) over images b0:b1
+        under each ablation: correct counts for top-k (the `class_correct_counts` kernel),
+        fixed-point sums otherwise (`carprune.metrics`)."""
+        return self.bound.measure(self._logits(ch, b0, b1, channels), ch.labels[b0:b1],
+                                  ch.groups[b0:b1])
 
     # -- public ------------------------------------------------------------------------------
+    @property
+    def path(self) -> str:
+        """How an ablation is evaluated: 'head' (the `ablate_conv_head` kernel: consumer conv and
+        the network's ending, logits out), 'fused' (`ablate_conv`, then the tail graph) or
+        'tail' (the tail graph alone)."""
+        return "head" if self.head is not None else "fused" if self.fused is not None else "tail"
+
+    def describe(self) -> str:
+        """The scoring plan, readable: the cut, how ablations are evaluated, the memory plan."""
+        lines = [f"cut: {self.cut.describe()}"]
+        if self.fused is not None:
+            consumer = " -> ".join(str(n.target) if n.op == "call_module" else
+                                   getattr(n.target, "__name__", str(n.target))
+                                   for n in self.fused.nodes)
+        if self.head is not None:
+            lines.append(f"ablations: fused kernel ablate_conv_head: {consumer} -> "
+                         f"{self.head.describe()} (logits per filter and image, no feature map)")
+        elif self.fused is not None:
+            lines.append(f"ablations: fused kernel ablate_conv: {consumer}, then the tail graph")
+        else:
+            lines.append("ablations: the tail graph, once per batch of ablated filters")
+        lines.append(f"images: {len(self.indices)}, " + (
+            "activations cached once" if self.cache_all else
+            f"prefix recomputed per pass in chunks of {self.chunk_images}"))
+        return "\n".join(lines)
+
     @property
     def alive(self) -> list[int]:
         gone = set(self.removed)
@@ -323,37 +412,50 @@ class LayerScorer:
         """CAR counts for `filters` (default: every filter not yet removed)."""
         filt = self.alive if filters is None else self._check_filters(filters)
         n, k = len(filt), self.num_classes
-        counts = torch.zeros(n, k, dtype=torch.int64)
         base = torch.zeros(k, dtype=torch.int64)
         totals = torch.zeros(k, dtype=torch.int64)
-        chan = torch.tensor(filt, dtype=torch.int64, device=self.device)
-        n_img = len(self.indices)
-        b = min(n_img, self.chunk_images, self.rows)
-        m = max(1, min(n, self.rows // b)) if n else 1
-        calls = sum(-(-min(self.chunk_images, n_img - s) // b)
-                    for s in range(0, n_img, self.chunk_images)) * -(-n // m)
         need_base = self._base is None
+        # with the fused head the unablated network is one more row of the kernel (channel -1)
+        extra = [-1] if need_base and self.head is not None else []
+        rows = torch.zeros(len(extra) + n, k, dtype=torch.int64)
+        chan = torch.tensor(extra + filt, dtype=torch.int64, device=self.device)
+        nj, n_img = len(chan), len(self.indices)
+        if self.head is not None:
+            b = min(n_img, self.chunk_images, max(1, self.head_rows // max(1, nj)))
+            m = max(1, min(nj, self.head_rows // b)) if nj else 1
+        else:
+            b = min(n_img, self.chunk_images, self.rows)
+            m = max(1, min(nj, self.rows // b)) if nj else 1
+        calls = sum(-(-min(self.chunk_images, n_img - s) // b)
+                    for s in range(0, n_img, self.chunk_images)) * -(-nj // m)
         if not need_base and n == 0:
             calls = 0
         bar = _progress(calls, f"CAR {self.layer}", self.progress)
         with torch.no_grad():
             for ch in self._iter_chunks() if (n or need_base) else ():
                 bsz = ch.labels.shape[0]
-                totals += torch.bincount(ch.labels.cpu(), minlength=k)
+                totals += torch.bincount(ch.groups.cpu(), minlength=k)
                 for b0 in range(0, bsz, b):
                     b1 = min(bsz, b0 + b)
-                    if need_base:
+                    if need_base and not extra:
                         base += self._correct(ch, b0, b1, None)[0].cpu()
-                    for j0 in range(0, n, m):
-                        counts[j0:j0 + m] += self._correct(ch, b0, b1, chan[j0:j0 + m]).cpu()
+                    for j0 in range(0, nj, m):
+                        rows[j0:j0 + m] += self._correct(ch, b0, b1, chan[j0:j0 + m]).cpu()
                         bar.update(1)
         bar.close()
+        if extra:
+            base = rows[0]
+        counts = rows[len(extra):]
         if need_base:
             self._base = (base, totals)
         base, totals = self._base
+        g = self.bound.grouping
         return LayerScores(layer=self.layer, filters=torch.tensor(filt, dtype=torch.int64),
                            counts=counts, base_counts=base, class_totals=totals,
-                           classes=self.classes, topk=self.topk, removed=list(self.removed))
+                           classes=self.classes, topk=self.topk, removed=list(self.removed),
+                           metric=self.metric.name, higher_is_better=self.metric.higher_is_better,
+                           scale=self.metric.scale, grouping=g.kind,
+                           bin_edges=list(g.edges) if g.edges is not None else None)
 
     def remove(self, filters: Sequence[int]) -> None:
         """Remove filters for all later scoring: their channels are zeroed at the cut and their
@@ -407,9 +509,18 @@ def score_layer(
     rows: int | None = None,
     progress: bool | None = None,
     classes: Sequence[str] | None = None,
+    metric: str | metrics.Metric | metrics.PerSample | None = None,
+    bins: int | Sequence[float] | None = None,
 ) -> LayerScores:
-    """CAR (and class-wise CAR_c) of every filter of conv `layer` of `model` on `data`.
+    """CAR (and class-wise CAR_c) of every filter of conv `layer` (or neuron of linear `layer`)
+    of `model` on `data`; with `metric`, the importance under that metric instead.
 
+    `metric`: 'top1' (default, or top-`topk`), 'top5'/'topK', 'nll', and for regression targets
+    (floating point) 'mse'/'mae' (RAR), or a per-sample function fn(outputs, targets) -> [B]
+    (error-like unless it has `higher_is_better = True`; see `carprune.metrics.custom`).
+    Importance is how much worse the mean metric gets without the unit (`LayerScores.importance`,
+    per class or target bin `importance_c`); regression targets are grouped into `bins` (a
+    number of quantile bins of the scored targets, default 10, or the bin edges).
     `num_images` takes a seeded random subset; `removed` filters count as already gone;
     `memory_budget` (bytes or '2GiB') bounds the cached activations and each tail batch.
     `data` is any `carprune.data.batches.DataLike` (a Dataset, Subset, DataLoader, or an
@@ -418,7 +529,8 @@ def score_layer(
     """
     scorer = LayerScorer(model, layer, data, num_images=num_images, seed=seed,
                          memory_budget=memory_budget, device=device, dtype=dtype, topk=topk,
-                         fused=fused, rows=rows, progress=progress, classes=classes)
+                         fused=fused, rows=rows, progress=progress, classes=classes,
+                         metric=metric, bins=bins)
     if removed:
         scorer.remove(removed)
     return scorer.score(filters)

@@ -1,6 +1,7 @@
 """Compression across several layers: in sequence (one greedy run per layer, each on the result
 of the last), and a global mode that removes, at each step, the filter with the lowest CAR per
-FLOP saved among all chosen layers until a FLOPs target is met.
+FLOP saved among all chosen layers until a FLOPs target is met (CAR, or the importance under any
+`metric`, see `score_layer`).
 
 The global mode scores on a private copy of the network in which removed filters are silenced
 exactly: their conv weights and bias and their BatchNorm's affine parameters are set to zero, so
@@ -13,6 +14,7 @@ from __future__ import annotations
 import os
 import sys
 import time
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar
@@ -20,7 +22,7 @@ from typing import Any, ClassVar
 import torch
 from torch import nn
 
-from . import graph, preempt, surgery
+from . import graph, metrics, preempt, surgery
 from .cost import count_cost
 from .data.batches import DataLike, load_batch
 from .engine import LayerScorer
@@ -51,11 +53,11 @@ class GlobalStep:
     step: int
     layer: str
     removed: int               # original filter index in `layer`
-    car: float
+    car: float                 # its importance (CAR for top-1; the metric's otherwise)
     flops_saved: int           # per image, by this removal
     flops: int                 # whole network after the step
     params: int
-    score_accuracy: float
+    score_accuracy: float      # the metric's mean (top-k: accuracy)
     holdout_accuracy: float | None
     seconds: float = 0.0
 
@@ -100,7 +102,7 @@ def _silence(model: nn.Module, layer: str, filters: list[int]) -> None:
             conv.bias[filters] = 0
         for n in chain:
             m = mods.get(str(n.target)) if n.op == "call_module" else None
-            if isinstance(m, nn.BatchNorm2d):
+            if isinstance(m, nn.BatchNorm2d | nn.BatchNorm1d):
                 if m.weight is not None:
                     m.weight[filters] = 0
                     m.bias[filters] = 0
@@ -146,9 +148,12 @@ def compress_global(
     memory_budget: int | str | None = None,
     seed: int = 0,
     progress: bool | None = None,
+    metric: str | metrics.Metric | metrics.PerSample | None = None,
+    bins: int | Sequence[float] | None = None,
 ) -> GlobalCompressionResult:
     """Remove filters across `layers` until the network's FLOPs are at most `flops_target` x the
-    original, each step taking the filter(s) with the lowest CAR per FLOP saved."""
+    original, each step taking the filter(s) with the lowest CAR (importance under `metric`) per
+    FLOP saved; the trajectory tracks `metric`."""
     if not 0 < flops_target < 1:
         raise ValueError(f"flops_target is a fraction of the original FLOPs in (0, 1), got {flops_target}")
     if not layers:
@@ -167,6 +172,9 @@ def compress_global(
     config = {"layers": layers, "flops_target": flops_target, "score_images": score_images,
               "eval_images": eval_images, "filters_per_step": filters_per_step,
               "min_filters": min_filters, "seed": seed}
+    name = metrics.get_metric(metric).name
+    if name != "top1" or bins is not None:   # (top-1 runs keep their checkpoints)
+        config.update(metric=name, bins=bins if not hasattr(bins, "__len__") else list(bins))
     ckpt = Path(checkpoint) if checkpoint is not None else None
     if ckpt is not None and ckpt.exists():
         state = read_json(ckpt, "checkpoint")
@@ -181,7 +189,8 @@ def compress_global(
 
     def accuracy(data, n_images) -> float:
         return LayerScorer(work, layers[0], data, num_images=n_images, seed=seed,
-                           memory_budget=memory_budget, progress=False).score([]).base_accuracy
+                           memory_budget=memory_budget, progress=False, metric=metric,
+                           bins=bins).score([]).base_value
 
     base_s = accuracy(score_data, score_images)
     base_h = accuracy(eval_data, eval_images) if eval_data is not None else None
@@ -199,9 +208,9 @@ def compress_global(
             one = surgery.prune_filters(current, layer, [positions.index(alive[0])])
             saved = flops - count_cost(one, shape).total_flops
             sc = LayerScorer(work, layer, score_data, num_images=score_images, seed=seed,
-                             memory_budget=memory_budget, progress=False)
+                             memory_budget=memory_budget, progress=False, metric=metric, bins=bins)
             s = sc.score(alive)
-            for f, c in zip(s.filters.tolist(), s.car.tolist(), strict=True):
+            for f, c in zip(s.filters.tolist(), s.importance.tolist(), strict=True):
                 cands.append((c / max(1, saved), layer, f, c, saved))
         if not cands:
             break
@@ -216,7 +225,7 @@ def compress_global(
             trajectory.append(GlobalStep(len(trajectory) + 1, layer, f, car, saved, flops, pa, acc_s,
                                          acc_h, time.perf_counter() - t0))
             if show:
-                print(f"[global] step {len(trajectory)}: {layer} filter {f} (CAR {100 * car:+.2f} pts, "
+                print(f"[global] step {len(trajectory)}: {layer} filter {f} (importance {car:+.4f}, "
                       f"{saved} FLOPs) -> {flops / base_cost.total_flops:.3f} of the FLOPs",
                       file=sys.stderr, flush=True)
             if flops <= flops_target * base_cost.total_flops:

@@ -1,5 +1,7 @@
 """Where a filter's removal takes effect in a network, and the network cut in two there.
 
+Units are the filters of a conv layer (nn.Conv2d, nn.Conv1d: output channels) and the neurons of
+a linear layer (nn.Linear on [batch, features]: output features); "channel i" below is unit i.
 Removing filter i of conv layer L with all its outgoing connections is exactly zeroing channel
 i where L's output is consumed: after the channel-wise operations that follow the conv
 (BatchNorm, activation, pooling, dropout) and before the first operation that mixes channels
@@ -20,6 +22,8 @@ from torch import fx, nn
 # Modules and functions that act on each channel separately: zeroing a channel before them or
 # after them is the same as far as later layers can tell, so the cut moves past them.
 CHANNELWISE_MODULES: tuple[type[nn.Module], ...] = (
+    nn.BatchNorm1d, nn.MaxPool1d, nn.AvgPool1d, nn.AdaptiveAvgPool1d, nn.AdaptiveMaxPool1d,
+    nn.Dropout1d,
     nn.BatchNorm2d, nn.ReLU, nn.ReLU6, nn.LeakyReLU, nn.ELU, nn.SELU, nn.CELU, nn.GELU, nn.SiLU,
     nn.Mish, nn.Sigmoid, nn.Tanh, nn.Hardswish, nn.Hardsigmoid, nn.Hardtanh, nn.PReLU,
     nn.MaxPool2d, nn.AvgPool2d, nn.AdaptiveAvgPool2d, nn.AdaptiveMaxPool2d, nn.Dropout,
@@ -28,9 +32,19 @@ CHANNELWISE_MODULES: tuple[type[nn.Module], ...] = (
 CHANNELWISE_FUNCTIONS = {
     F.relu, torch.relu, F.relu6, F.leaky_relu, F.elu, F.gelu, F.silu, F.mish, F.hardswish,
     F.hardtanh, torch.sigmoid, torch.tanh, F.max_pool2d, F.avg_pool2d, F.adaptive_avg_pool2d,
-    F.adaptive_max_pool2d, F.dropout, F.dropout2d,
+    F.adaptive_max_pool2d, F.dropout, F.dropout2d, F.max_pool1d, F.avg_pool1d, F.adaptive_avg_pool1d,
+    F.adaptive_max_pool1d, F.dropout1d,
 }
 CHANNELWISE_METHODS = {"relu", "sigmoid", "tanh", "contiguous", "clone"}
+
+
+# Layers whose units (output channels or features) are scored and removed.
+UNIT_LAYERS: tuple[type[nn.Module], ...] = (nn.Conv2d, nn.Conv1d, nn.Linear)
+
+
+def num_units(module: nn.Module) -> int:
+    """Output channels of a conv, output features of a linear layer."""
+    return module.out_features if isinstance(module, nn.Linear) else module.out_channels
 
 
 class CutError(ValueError):
@@ -93,14 +107,14 @@ class Cut:
     """Where the filters of `layer` are removed: channel i of node `node` is zeroed."""
 
     layer: str
-    conv: nn.Conv2d
+    conv: nn.Module                # the unit layer: Conv2d, Conv1d or Linear
     conv_node: fx.Node
     node: fx.Node
     chain: list[str] = field(default_factory=list)
 
     @property
     def num_filters(self) -> int:
-        return self.conv.out_channels
+        return num_units(self.conv)
 
     def describe(self) -> str:
         ops = " -> ".join([self.layer, *self.chain])
@@ -114,15 +128,22 @@ def conv_layers(model: nn.Module) -> list[str]:
     return [name for name, m in model.named_modules() if isinstance(m, nn.Conv2d)]
 
 
+def unit_layers(model: nn.Module) -> list[str]:
+    """Names of every layer whose units can be scored (Conv2d, Conv1d, Linear), in order."""
+    return [name for name, m in model.named_modules() if isinstance(m, UNIT_LAYERS)]
+
+
 def conv_call(gm: fx.GraphModule, layer: str) -> fx.Node:
-    """The single call of conv `layer` in the traced graph; errors name what is wrong."""
+    """The single call of conv (or linear) `layer` in the traced graph; errors name what is wrong."""
     modules = dict(gm.named_modules())
     if layer not in modules:
-        raise CutError(f"unknown layer {layer!r}; the conv layers are: {', '.join(conv_layers(gm))}")
+        raise CutError(f"unknown layer {layer!r}; the conv and linear layers are: "
+                       f"{', '.join(unit_layers(gm))}")
     conv = modules[layer]
-    if not isinstance(conv, nn.Conv2d):
-        raise CutError(f"layer {layer!r} is a {type(conv).__name__}, not a Conv2d; only conv "
-                       f"filters are scored. Conv layers: {', '.join(conv_layers(gm))}")
+    if not isinstance(conv, UNIT_LAYERS):
+        raise CutError(f"layer {layer!r} is a {type(conv).__name__}, not a Conv2d, Conv1d or "
+                       "Linear layer; only conv filters and linear neurons are scored. Such "
+                       f"layers: {', '.join(unit_layers(gm))}")
     calls = [n for n in gm.graph.nodes if n.op == "call_module" and n.target == layer]
     if len(calls) != 1:
         raise CutError(f"layer {layer!r} is called {len(calls)} times in forward(); a filter of "

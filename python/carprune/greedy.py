@@ -6,6 +6,11 @@ and each removal updates the consumer's cached pre-activation incrementally. Bas
 (random, mean_in, mean_out, l1, kse) rank the filters once (their scores do not depend on which
 other filters of the layer are gone) and go through the same driver, so every curve is measured
 the same way. A checkpoint is written after every step; a restarted run resumes from it.
+
+`metric` (default top-1) is what CAR ranks by and what the trajectory tracks on the scoring and
+hold-out splits: e.g. metric='mae' on a regression network is greedy RAR, with the hold-out
+mean absolute error at every step, for every criterion. Units may be conv filters or the neurons
+of a linear layer.
 """
 
 from __future__ import annotations
@@ -23,7 +28,7 @@ from typing import Any, ClassVar
 import torch
 from torch import nn
 
-from . import criteria, preempt, surgery
+from . import criteria, metrics, preempt, surgery
 from .cost import count_cost
 from .data.batches import DataLike, num_items
 from .engine import LayerScorer, parse_bytes
@@ -42,8 +47,8 @@ class Step:
     removed: list[int]            # original filter indices removed at this step
     scores: list[float]           # their criterion value (CAR: accuracy lost, a fraction)
     kept: int                     # filters left in the layer
-    score_accuracy: float         # on the scoring split
-    holdout_accuracy: float | None
+    score_accuracy: float         # the metric's mean on the scoring split (top-k: accuracy)
+    holdout_accuracy: float | None  # the same on the hold-out split
     flops: int                    # whole network, per image (conv + linear MACs as FLOPs)
     params: int
     layer_flops: int              # the compressed layer alone (paper: k^2 n_L f^2 n_{L-1})
@@ -67,6 +72,7 @@ class CompressionResult(PrunedModelResult):
     config: dict[str, Any] = field(default_factory=dict)
     model: nn.Module | None = field(default=None, repr=False)
     finetuned_holdout_accuracy: float | None = None
+    metric: str = "top1"          # what CAR ranked by and the trajectory tracks
 
     @property
     def compression_ratio(self) -> float:
@@ -84,7 +90,8 @@ class CompressionResult(PrunedModelResult):
         return cls(layer=obj["layer"], criterion=obj["criterion"], num_filters=obj["num_filters"],
                    removed=list(obj["removed"]), kept=list(obj["kept"]),
                    trajectory=[Step(**s) for s in obj["trajectory"]], config=obj["config"],
-                   model=model, finetuned_holdout_accuracy=obj["finetuned_holdout_accuracy"])
+                   model=model, finetuned_holdout_accuracy=obj["finetuned_holdout_accuracy"],
+                   metric=obj.get("metric", "top1"))
 
 
 def _fingerprint(cfg: dict[str, Any]) -> str:
@@ -104,7 +111,7 @@ def _target_kept(num_filters: int, keep: float | int | None) -> int:
 
 
 class _Tracker:
-    """Accuracy on the scoring and hold-out splits as filters go (base counts only)."""
+    """The metric on the scoring and hold-out splits as filters go (base sums only)."""
 
     def __init__(self, score: LayerScorer, holdout: LayerScorer | None) -> None:
         self.score, self.holdout = score, holdout
@@ -115,15 +122,27 @@ class _Tracker:
             self.holdout.remove(filters)
 
     def accuracies(self) -> tuple[float, float | None]:
-        s = self.score.score([]).base_accuracy
-        h = self.holdout.score([]).base_accuracy if self.holdout is not None else None
+        s = self.score.score([]).base_value
+        h = self.holdout.score([]).base_value if self.holdout is not None else None
         return s, h
+
+
+def _within(value: float, limit: float | None, higher_is_better: bool) -> bool:
+    """Whether `value` is no worse than `limit` (None: no limit)."""
+    return limit is None or (value >= limit if higher_is_better else value <= limit)
 
 
 def _cost(model: nn.Module, layer: str, removed: list[int], input_shape: tuple[int, ...]
           ) -> tuple[int, int, int, int]:
-    pruned = surgery.prune_filters(model, layer, removed) if removed else model
-    rep = count_cost(pruned, input_shape)
+    # Surgery and one batch-1 forward per step: on one intra-op thread, since these tiny ops
+    # only wait on each other with more (10x slower with 2 threads on a busy 2-core machine).
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        pruned = surgery.prune_filters(model, layer, removed) if removed else model
+        rep = count_cost(pruned, input_shape)
+    finally:
+        torch.set_num_threads(threads)
     lay = rep.layer(layer)
     return rep.total_flops, rep.total_params, lay.flops, lay.bytes
 
@@ -135,6 +154,8 @@ def compress_layer(
     *,
     eval_data: DataLike | None = None,
     criterion: str = "car",
+    metric: str | metrics.Metric | metrics.PerSample | None = None,
+    bins: int | Sequence[float] | None = None,
     keep: float | int | None = None,
     max_drop: float | None = None,
     filters_per_step: int = 1,
@@ -149,13 +170,17 @@ def compress_layer(
     progress: bool | None = None,
     scorer_wrapper=None,
 ) -> CompressionResult:
-    """Greedily remove filters of conv `layer` until `keep` filters remain (a fraction or a
-    count; default 1) or, with `max_drop`, while accuracy stays above (1 - max_drop) x the
-    original (hold-out accuracy if `eval_data` is given, else the scoring split's).
+    """Greedily remove filters of conv `layer` (or neurons of linear `layer`) until `keep`
+    remain (a fraction or a count; default 1) or, with `max_drop`, while the metric stays within
+    a relative `max_drop` of the original: accuracy-like metrics above (1 - max_drop) x, error-like
+    ones below (1 + max_drop) x (hold-out if `eval_data` is given, else the scoring split).
 
-    criterion: 'car' re-scores every remaining filter after each removal (Algorithm 1); the
-    baselines rank once. `lazy` (CAR only) re-scores only filters that can still be the minimum,
-    trusting earlier scores as bounds: faster, and measured in benchmarks/ against the default.
+    criterion: 'car' re-scores every remaining filter after each removal (Algorithm 1) by the
+    importance under `metric` (default top-1: CAR; 'nll', 'mse', 'mae' (RAR), a callable: see
+    `score_layer`; `bins` groups regression targets); the baselines rank once. Whatever the
+    criterion, the trajectory tracks `metric`. `lazy` (CAR only) re-scores only filters that can
+    still be the minimum, trusting earlier scores as bounds: faster, and measured in benchmarks/
+    against the default.
     """
     if criterion not in CRITERIA:
         raise ValueError(f"unknown criterion {criterion!r}; choose from {', '.join(CRITERIA)}")
@@ -169,11 +194,16 @@ def compress_layer(
     # the score and hold-out scorers live side by side for the whole run: they share the budget
     share = parse_bytes(memory_budget) // (1 if eval_data is None else 2)
     scorer = LayerScorer(model, layer, score_data, num_images=score_images, seed=seed,
-                         memory_budget=share, dtype=dtype, progress=False)
+                         memory_budget=share, dtype=dtype, progress=False, metric=metric, bins=bins)
     holdout = None
     if eval_data is not None:
         holdout = LayerScorer(model, layer, eval_data, num_images=eval_images, seed=seed,
-                              memory_budget=share, dtype=dtype, progress=False)
+                              memory_budget=share, dtype=dtype, progress=False, metric=metric,
+                              bins=bins)
+    measure = scorer.metric
+    if finetune is not None and scorer.bound.grouping.kind != "class":
+        raise ValueError("fine-tuning trains with cross-entropy on class labels; these targets "
+                         "are regression targets, so compress without finetune=")
     if scorer_wrapper is not None:
         scorer = scorer_wrapper(scorer)
     n = scorer.num_filters
@@ -186,6 +216,8 @@ def compress_layer(
               "eval_size": num_items(eval_data) if eval_data is not None else None,
               "lazy": lazy, "seed": seed, "dtype": str(dtype),
               "finetune": finetune.describe() if finetune is not None else None}
+    if measure.name != "top1" or bins is not None:   # (top-1 runs keep their fingerprints)
+        config.update(metric=measure.name, bins=bins if not hasattr(bins, "__len__") else list(bins))
     fp = _fingerprint(config)
     tracker = _Tracker(scorer, holdout)
     trajectory: list[Step] = []
@@ -203,7 +235,8 @@ def compress_layer(
         fl, pa, lf, lb = _cost(model, layer, [], input_shape)
         trajectory.append(Step(0, [], [], n, acc_s, acc_h, fl, pa, lf, lb))
     base_acc = trajectory[0].holdout_accuracy if holdout is not None else trajectory[0].score_accuracy
-    floor = None if max_drop is None else (1 - max_drop) * base_acc
+    better = measure.higher_is_better
+    floor = None if max_drop is None else (1 - max_drop if better else 1 + max_drop) * base_acc
     order = None
     if criterion != "car":
         imp = criteria.filter_importance(model, layer, criterion, seed=seed)
@@ -223,7 +256,7 @@ def compress_layer(
                 break
             if floor is not None:
                 acc = last.holdout_accuracy if holdout is not None else last.score_accuracy
-                if acc < floor:
+                if not _within(acc, floor, better):
                     break
             t0 = time.perf_counter()
             k = min(filters_per_step, len(alive) - target)
@@ -251,16 +284,19 @@ def compress_layer(
     final = len(trajectory) - 1
     if floor is not None:
         ok = [s.step for s in trajectory
-              if (s.holdout_accuracy if holdout is not None else s.score_accuracy) >= floor]
+              if _within(s.holdout_accuracy if holdout is not None else s.score_accuracy, floor,
+                         better)]
         final = max(ok) if ok else 0
     removed = [f for s in trajectory[1:final + 1] for f in s.removed]
     kept = [f for f in range(n) if f not in set(removed)]
     pruned = surgery.prune_filters(model, layer, removed) if removed else surgery.copy_model(model)
     result = CompressionResult(layer=layer, criterion=criterion, num_filters=n, removed=removed,
-                               kept=kept, trajectory=trajectory, config=config, model=pruned)
+                               kept=kept, trajectory=trajectory, config=config, model=pruned,
+                               metric=measure.name)
     if finetune is not None:
         del tracker, scorer, holdout  # release the cached activations before fine-tuning
-        _finetune_and_evaluate(result, finetune, eval_data, eval_images, seed, show, memory_budget)
+        _finetune_and_evaluate(result, finetune, eval_data, eval_images, seed, show, memory_budget,
+                               measure)
     return result
 
 
@@ -273,10 +309,11 @@ def _input_shape(data: DataLike) -> tuple[int, ...]:
 
 def _car_pick(scorer, alive: list[int], k: int, lazy: bool, stale: dict[int, float]
               ) -> tuple[list[int], list[float]]:
-    """The k filters of lowest CAR on the current structure (ties: lower index)."""
+    """The k filters of lowest importance (CAR for top-1) on the current structure (ties: lower
+    index)."""
     if not lazy or not stale:
         s = scorer.score(alive)
-        car = s.car.tolist()
+        car = s.importance.tolist()
         stale.clear()
         stale.update({int(f): c for f, c in zip(s.filters.tolist(), car, strict=True)})
         order = s.order()[:k].tolist()
@@ -294,16 +331,16 @@ def _car_pick(scorer, alive: list[int], k: int, lazy: bool, stale: dict[int, flo
             break
         batch = cand[:max(k, 4)]
         s = scorer.score(batch)
-        for f, c in zip(s.filters.tolist(), s.car.tolist(), strict=True):
+        for f, c in zip(s.filters.tolist(), s.importance.tolist(), strict=True):
             fresh[int(f)] = c
             stale[int(f)] = c
     return [f for f, _ in picked], [c for _, c in picked]
 
 
 def _finetune_and_evaluate(result: CompressionResult, cfg: FineTune, eval_data, eval_images, seed,
-                           show, memory_budget) -> None:
+                           show, memory_budget, metric=None) -> None:
     finetune(result.model, result.layer, cfg, progress=show)
     if eval_data is not None:
         s = LayerScorer(result.model, result.layer, eval_data, num_images=eval_images, seed=seed,
-                        memory_budget=memory_budget, progress=False).score([])
-        result.finetuned_holdout_accuracy = s.base_accuracy
+                        memory_budget=memory_budget, progress=False, metric=metric).score([])
+        result.finetuned_holdout_accuracy = s.base_value

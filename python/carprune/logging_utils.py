@@ -13,7 +13,7 @@ import logging
 import sys
 import threading
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from typing import Any
 
@@ -144,3 +144,112 @@ class StepLogger:
         log.info("%s: removed filter %s; %d of %d left (%s)", self._scorer.layer, car, left,
                  self._scorer.num_filters, format_seconds(now - self._t))
         self._t = now
+
+
+def progress_mode(progress: bool | None) -> str:
+    """A library function's `progress` argument as a mode: True 'bar', False 'none', None 'bar'
+    on a terminal and 'none' otherwise (a library call writes no log lines unless asked)."""
+    if progress is None:
+        return "bar" if sys.stderr.isatty() else "none"
+    return "bar" if progress else "none"
+
+
+def _fmt_info(info: Mapping[str, Any]) -> str:
+    parts = []
+    for k, v in info.items():
+        if k == "accuracy" and isinstance(v, float):
+            parts.append(f"accuracy {100 * v:.2f} %")
+        elif isinstance(v, float):
+            parts.append(f"{k} {v:.4g}")
+        else:
+            parts.append(f"{k} {v}")
+    return ", ".join(parts)
+
+
+class PhaseProgress:
+    """A progress callback ``(phase, done, total, info)`` for runs made of phases (such as
+    `deepcompress.deep_compress`'s ``on_progress``), shown as the command line shows progress:
+
+    - 'bar': one tqdm bar per phase, with the info (e.g. the loss) beside it;
+    - 'log': a log line when a phase starts and when it ends (with its time and info), and every
+      `interval` seconds in between the phase, its progress and the elapsed time, from a
+      heartbeat thread, so a step that takes minutes still shows where the run is;
+    - 'none': nothing.
+
+    Use it as a context manager (the heartbeat thread and bars end with the block)."""
+
+    def __init__(self, mode: str, interval: float = 60.0, activity: str = "") -> None:
+        if mode not in ("bar", "log", "none"):
+            raise ValueError(f"mode must be 'bar', 'log' or 'none', got {mode!r}")
+        self.mode, self.interval, self.activity = mode, interval, activity
+        self._phase: str | None = None
+        self._state: tuple[str, int, int, Mapping[str, Any]] | None = None
+        self._t0 = self._tp = time.monotonic()
+        self._bar: Any = None
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def _prefix(self) -> str:
+        return f"{self.activity}: " if self.activity else ""
+
+    def __call__(self, phase: str, done: int, total: int, info: Mapping[str, Any] | None = None
+                 ) -> None:
+        info = dict(info or {})
+        if self.mode == "none":
+            return
+        now = time.monotonic()
+        if phase != self._phase:
+            self._end_phase(now)
+            self._phase, self._tp = phase, now
+            if self.mode == "bar":
+                from tqdm.auto import tqdm
+
+                self._bar = tqdm(total=total, desc=phase, leave=False)
+            else:
+                log.info("%s%s (%d step%s)", self._prefix(), phase, total, "" if total == 1 else "s")
+        self._state = (phase, done, total, info)
+        if self._bar is not None:
+            self._bar.total = total
+            self._bar.n = done
+            if info:
+                self._bar.set_postfix_str(_fmt_info(info), refresh=False)
+            self._bar.refresh()
+
+    def _end_phase(self, now: float) -> None:
+        if self._bar is not None:
+            self._bar.close()
+            self._bar = None
+        if self.mode == "log" and self._state is not None:
+            phase, done, total, info = self._state
+            log.info("%s%s done: %d/%d in %s%s", self._prefix(), phase, done, total,
+                     format_seconds(now - self._tp), f" ({_fmt_info(info)})" if info else "")
+        self._state = None
+
+    def _beat(self) -> None:
+        while not self._stop.wait(self.interval):
+            st = self._state
+            if st is None:
+                continue
+            phase, done, total, info = st
+            log.info("%s%s %d/%d (%s in this phase, %s in all)%s", self._prefix(), phase, done,
+                     total, format_seconds(time.monotonic() - self._tp),
+                     format_seconds(time.monotonic() - self._t0),
+                     f", {_fmt_info(info)}" if info else "")
+
+    def __enter__(self) -> PhaseProgress:
+        if self.mode == "log" and self.interval > 0:
+            self._thread = threading.Thread(target=self._beat, name="carprune-progress", daemon=True)
+            self._thread.start()
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
+
+    def close(self) -> None:
+        """End the last phase (its 'done' line or bar) and the heartbeat thread."""
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join()
+            self._thread = None
+        self._end_phase(time.monotonic())
+        self._phase = None

@@ -1,18 +1,22 @@
-"""Structural pruning: remove conv filters and their outgoing connections for real, so the pruned
-network is smaller and computes exactly what the masked network (channel zeroed at the cut)
-computes.
+"""Structural pruning: remove conv filters (or the neurons of a linear layer) and their outgoing
+connections for real, so the pruned network is smaller and computes exactly what the masked
+network (channel zeroed at the cut) computes.
 
-Two forms, chosen from where the layer's output is consumed (`graph.find_cut`):
+Units are the output channels of an nn.Conv2d or nn.Conv1d and the output features of an
+nn.Linear on [batch, features] inputs. Two forms, chosen from where the layer's output is
+consumed (`graph.find_cut`):
 
-* narrow: every consumer of the cut is a conv (groups 1) or a linear layer after a flatten. The
-  conv loses its filters, its channel-wise followers (BatchNorm, per-channel PReLU) shrink with it
-  and the consumers lose the matching input channels (a linear layer loses the column block of
+* narrow: every consumer of the cut is a conv of the same kind (groups 1), a linear layer after
+  a flatten, or (for a linear layer's features) a linear layer directly. The layer loses its
+  units, its channel-wise followers (BatchNorm, per-channel PReLU) shrink with it and the
+  consumers lose the matching inputs (a linear layer after a flatten loses the column block of
   each channel: in_features // channels columns).
 * scatter: the cut also feeds something whose width cannot change (a residual add, an identity
   or padding shortcut, a concatenation, ...). The conv becomes a `ScatteredConv2d` that computes
   only the kept filters and writes them into a zero tensor of the full width; its BatchNorm keeps
   full width with weight 0 and bias 0 on the removed channels, so they stay exactly 0 up to the
   cut. Consumers keep their width. Every operation between conv and cut must map 0 to 0.
+  Conv2d layers only: a Conv1d or Linear layer whose output feeds such an operation is not pruned.
 
 Indices always number the layer's output channels as the model computes them now: for a narrowed
 conv, its current filters; for a scattered conv, whose output keeps the full width, the channels
@@ -35,6 +39,8 @@ import torch.nn.functional as F
 from torch import fx, nn
 
 from . import graph
+from .graph import UNIT_LAYERS
+from .graph import num_units as _num_units
 from .io import atomic_open, read_json, read_tensor_file, write_json
 
 STRUCTURE_FORMAT = "carprune.PrunedStructure"
@@ -130,18 +136,18 @@ def copy_model(model: nn.Module) -> nn.Module:
     return copy.deepcopy(model)
 
 
-def _lineage(conv: nn.Conv2d) -> tuple[list[int], int]:
+def _lineage(conv: nn.Module) -> tuple[list[int], int]:
     """(original filter index of each current output channel, original filter count).
 
     For a narrowed conv the output channels are its kept filters; a scattered conv's output
     channels are the full width it had when it was scattered (normally the original filters)."""
     lin = getattr(conv, LINEAGE_ATTR, None)
     if lin is None:
-        return list(range(conv.out_channels)), conv.out_channels
+        return list(range(_num_units(conv))), _num_units(conv)
     return list(lin["positions"]), int(lin["filters"])
 
 
-def channel_origins(conv: nn.Conv2d) -> list[int]:
+def channel_origins(conv: nn.Module) -> list[int]:
     """The original filter index behind each output channel of `conv` as numbered now (the
     numbering `prune_filters` takes): `channel_origins(conv).index(f)` is original filter f's
     current index. A scattered conv's removed channels are listed too (they stay, as zeros)."""
@@ -149,11 +155,11 @@ def channel_origins(conv: nn.Conv2d) -> list[int]:
 
 
 def kept_channels(model: nn.Module) -> dict[str, list[int]]:
-    """{conv layer: original filter indices it keeps} for every pruned conv of `model`."""
+    """{layer: original filter (unit) indices it keeps} for every pruned layer of `model`."""
     out = {}
     for name, m in model.named_modules():
         lin = getattr(m, LINEAGE_ATTR, None)
-        if isinstance(m, nn.Conv2d) and lin is not None:
+        if isinstance(m, UNIT_LAYERS) and lin is not None:
             out[name] = [int(i) for i in lin["kept"]]
     return out
 
@@ -251,15 +257,23 @@ def _describe(node: fx.Node) -> str:
 
 
 def _plan_consumers(gm: fx.GraphModule, cut: graph.Cut) -> tuple[list[str], list[str], list[str]]:
-    """(conv consumers, linear consumers after a flatten, descriptions of other users)."""
+    """(conv consumers, linear consumers (after a flatten, or of a linear layer's features
+    directly), descriptions of other users)."""
     convs: list[str] = []
     linears: list[str] = []
     other: list[str] = []
+    kind = next((k for k in UNIT_LAYERS if isinstance(cut.conv, k)), None)
     for u in cut.node.users:
         if u.op == "call_module" and u.args == (cut.node,) and not u.kwargs:
             m = gm.get_submodule(u.target)
-            if isinstance(m, nn.Conv2d) and m.groups == 1 and _call_count(gm, u.target) == 1:
+            once = _call_count(gm, u.target) == 1
+            # a conv reads channels of a conv of its own kind; a linear layer reads the last
+            # dimension, which is the unit dimension only for a linear layer's [batch, features]
+            if kind in (nn.Conv2d, nn.Conv1d) and isinstance(m, kind) and m.groups == 1 and once:
                 convs.append(str(u.target))
+                continue
+            if kind is nn.Linear and isinstance(m, nn.Linear) and once:
+                linears.append(str(u.target))
                 continue
         if _is_flatten(gm, u, cut.node):
             lins = linears_after_flatten(gm, u)
@@ -295,7 +309,7 @@ def _param(t: torch.Tensor, like: nn.Parameter) -> nn.Parameter:
     return nn.Parameter(t.detach().clone().contiguous(), requires_grad=like.requires_grad)
 
 
-def _narrow_bn(bn: nn.BatchNorm2d, keep: torch.Tensor) -> None:
+def _narrow_bn(bn: nn.BatchNorm2d | nn.BatchNorm1d, keep: torch.Tensor) -> None:
     if bn.affine:
         bn.weight = _param(bn.weight[keep.to(bn.weight.device)], bn.weight)
         bn.bias = _param(bn.bias[keep.to(bn.bias.device)], bn.bias)
@@ -320,10 +334,10 @@ def _prune_inplace(model: nn.Module, layer: str, indices: Any) -> None:
     gm = graph.trace(model)
     cut = graph.find_cut(gm, layer)
     conv = model.get_submodule(layer)
-    if conv.groups != 1:
+    if getattr(conv, "groups", 1) != 1:
         raise graph.CutError(f"layer {layer!r} is a grouped conv (groups={conv.groups}); removing its "
                              "filters would break the grouping, so only groups=1 convs are pruned")
-    width = conv.out_channels
+    width = _num_units(conv)
     scattered = isinstance(conv, ScatteredConv2d)
     present = conv.out_index.tolist() if scattered else list(range(width))
     remove = _check_indices(indices, layer, width, present)
@@ -338,7 +352,8 @@ def _prune_inplace(model: nn.Module, layer: str, indices: Any) -> None:
         keep = torch.tensor(keep_l, dtype=torch.int64, device=dev)
         followers = [m for m in (_chain_module(model, gm, node, layer) for node in chain) if m is not None]
         for m in followers:  # validate everything before changing anything
-            if not isinstance(m, nn.BatchNorm2d | nn.PReLU) and any(True for _ in m.parameters()):
+            if not isinstance(m, nn.BatchNorm2d | nn.BatchNorm1d | nn.PReLU) and \
+                    any(True for _ in m.parameters()):
                 raise graph.CutError(f"{type(m).__name__} between {layer!r} and its cut has "
                                      "parameters that carprune does not know how to narrow")
         for name in linears:
@@ -347,7 +362,7 @@ def _prune_inplace(model: nn.Module, layer: str, indices: Any) -> None:
                                      f"{model.get_submodule(name).in_features} inputs, not a multiple "
                                      f"of the {width} channels it flattens")
         for m in followers:
-            if isinstance(m, nn.BatchNorm2d):
+            if isinstance(m, nn.BatchNorm2d | nn.BatchNorm1d):
                 _narrow_bn(m, keep)
             elif isinstance(m, nn.PReLU) and m.num_parameters > 1:
                 m.weight = _param(m.weight[keep.to(m.weight.device)], m.weight)
@@ -355,7 +370,10 @@ def _prune_inplace(model: nn.Module, layer: str, indices: Any) -> None:
         conv.weight = _param(conv.weight[keep], conv.weight)
         if conv.bias is not None:
             conv.bias = _param(conv.bias[keep], conv.bias)
-        conv.out_channels = len(keep_l)
+        if isinstance(conv, nn.Linear):
+            conv.out_features = len(keep_l)
+        else:
+            conv.out_channels = len(keep_l)
         for name in convs:
             c = model.get_submodule(name)
             k = keep.to(c.weight.device)
@@ -373,6 +391,10 @@ def _prune_inplace(model: nn.Module, layer: str, indices: Any) -> None:
         return
     # scatter: the output keeps its width; removed channels are exactly 0 up to the cut
     why = ", ".join(other) if other else "an earlier scatter"
+    if not isinstance(conv, nn.Conv2d):
+        raise graph.CutError(
+            f"layer {layer!r} ({type(conv).__name__}) feeds {why}, which cannot lose inputs; only "
+            "Conv2d layers keep their width by scattering, so its units cannot be removed here")
     for node in chain:
         if not _zero_preserving(gm, node):
             raise graph.CutError(
@@ -410,8 +432,8 @@ def _set_submodule(model: nn.Module, name: str, module: nn.Module) -> None:
 
 def prune_filters(model: nn.Module, layer: str, indices: Sequence[int] | torch.Tensor | np.ndarray
                   ) -> nn.Module:
-    """A new model with filters `indices` of conv `layer` and all their outgoing connections
-    removed; `model` itself is not changed.
+    """A new model with filters `indices` of conv `layer` (or neurons of linear `layer`) and all
+    their outgoing connections removed; `model` itself is not changed.
 
     `indices` number the layer's output channels as the model computes them now (see the module
     docstring). The pruned model's outputs equal those of `model` with these channels zeroed at
@@ -433,7 +455,7 @@ def save_pruned(model: nn.Module, directory: str | os.PathLike) -> Path:
     layers = {}
     for name, m in model.named_modules():
         lin = getattr(m, LINEAGE_ATTR, None)
-        if isinstance(m, nn.Conv2d) and lin is not None:
+        if isinstance(m, UNIT_LAYERS) and lin is not None:
             layers[name] = {"kept": [int(i) for i in lin["kept"]], "filters": int(lin["filters"])}
     state = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
     with atomic_open(d / WEIGHTS_FILE, "wb") as f:
@@ -497,14 +519,15 @@ def load_pruned(directory: str | os.PathLike, architecture: nn.Module) -> nn.Mod
                          f"{type(architecture).__name__} lacks; its conv layers are: {', '.join(convs)}")
     for name in order:
         m, entry = modules[name], layers[name]
-        if not isinstance(m, nn.Conv2d):
+        if not isinstance(m, UNIT_LAYERS):
             raise ValueError(f"{d / STRUCTURE_FILE} names layer {name!r}, but in "
-                             f"{type(architecture).__name__} it is a {type(m).__name__}, not a Conv2d")
-        if m.out_channels != entry["filters"]:
-            raise ValueError(f"layer {name!r} has {m.out_channels} filters in the given architecture "
+                             f"{type(architecture).__name__} it is a {type(m).__name__}, not a "
+                             "Conv2d, Conv1d or Linear layer")
+        if _num_units(m) != entry["filters"]:
+            raise ValueError(f"layer {name!r} has {_num_units(m)} filters in the given architecture "
                              f"but {entry['filters']} in the saved structure: not the same network")
         kept = set(entry["kept"])
-        removed = [i for i in range(m.out_channels) if i not in kept]
+        removed = [i for i in range(_num_units(m)) if i not in kept]
         if removed:
             _prune_inplace(model, name, removed)
     try:

@@ -39,6 +39,47 @@ CP_HD T ablated_output(T z, T contrib, T scale, T shift, bool relu) {
   return (relu && !(v > T(0))) ? (v != v ? v : T(0)) : v;  // ReLU, NaN kept as NaN (like torch)
 }
 
+// ReLU that keeps NaN (like torch.relu): a compare and a blend, so it vectorises. T{} is zero,
+// so the same code serves scalars and the CPU kernels' GCC vector types.
+template <typename T>
+CP_HD T relu_keep_nan(T v) {
+  return v < T{} ? T{} : v;
+}
+
+// -- ablate_conv_head: the consumer conv, then the standard residual-network ending ------------
+// Per output channel f and position p of one image, with input channel s removed:
+//   v = act_after(act(scale*(z - conv(a[s], w[:, s])) + shift) + residual)
+// computed as head_value(head_base(z, ...), sum_k head_weight(scale, w_k) * a_k, residual):
+// the BatchNorm scale is folded into the removed channel's weights, and without the consumer's
+// own activation the residual is folded into the base (both are per image, not per ablation).
+
+// The removed channel's weight with the folded BatchNorm scale.
+template <typename T>
+CP_HD T head_weight(T scale, T w) {
+  return scale * w;
+}
+
+// The unablated value before the removed contribution is subtracted.
+template <typename T>
+CP_HD T head_base(T z, T scale, T shift, T residual, bool relu) {
+  const T u = scale * z + shift;
+  return relu ? u : u + residual;
+}
+
+// The ablated value at one (f, p) from its base and the removed channel's contribution.
+template <typename T>
+CP_HD T head_value(T base, T contrib, T residual, bool relu, bool relu_after) {
+  T t = base - contrib;
+  if (relu) t = relu_keep_nan(t) + residual;
+  return relu_after ? relu_keep_nan(t) : t;
+}
+
+// Global average pool of one channel from its sum over `count` positions.
+template <typename T>
+CP_HD T head_mean(T sum, int64_t count) {
+  return sum / T(count);
+}
+
 // a ranks above b in torch.argmax order: larger value, NaN above everything; equal values
 // rank by lower index. Used to decide top-k membership without sorting.
 template <typename T>

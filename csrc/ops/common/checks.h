@@ -17,6 +17,15 @@ ConvGeom check_ablate_conv(const at::Tensor& a, const at::Tensor& weight, const 
                            const at::Tensor& channels, at::IntArrayRef stride,
                            at::IntArrayRef padding, at::IntArrayRef dilation);
 
+// Validates ablate_conv_head's arguments (channel -1: nothing removed) and returns the geometry.
+ConvGeom check_ablate_conv_head(const at::Tensor& a, const at::Tensor& weight, const at::Tensor& z,
+                                const at::Tensor& scale, const at::Tensor& shift,
+                                const at::Tensor& channels, at::IntArrayRef stride,
+                                at::IntArrayRef padding, at::IntArrayRef dilation,
+                                const std::optional<at::Tensor>& residual,
+                                const at::Tensor& fc_weight,
+                                const std::optional<at::Tensor>& fc_bias);
+
 // Validates class_correct_counts' arguments (label range is checked by the kernels' callers).
 void check_class_correct_counts(const at::Tensor& logits, const at::Tensor& labels, int64_t topk);
 

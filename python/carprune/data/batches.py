@@ -70,27 +70,46 @@ def num_items(data: DataLike) -> int:
                         f"(images, labels) of tensors or arrays, got {type(data).__name__}") from exc
 
 
+def _targets(t: torch.Tensor) -> torch.Tensor:
+    """Class labels as int64; floating-point (regression) targets kept as they are."""
+    return t if t.is_floating_point() else t.long()
+
+
 def load_batch(data: DataLike, indices: np.ndarray | Sequence[int]) -> tuple[torch.Tensor, torch.Tensor]:
-    """Images [n, ...] float and labels [n] int64 for `indices`."""
+    """Images [n, ...] float and labels [n] int64 for `indices` (floating-point targets, for
+    regression, stay floating point: [n] or [n, D])."""
     idx = np.asarray(indices, dtype=np.int64)
     data = resolve(data)
     if isinstance(data, ImageArrayDataset):
         return data.batch(idx)
     if _is_pair(data):
         t = torch.from_numpy(idx)
-        return data[0][t], torch.as_tensor(data[1])[t].long()
+        return data[0][t], _targets(torch.as_tensor(data[1])[t])
     xs, ys = [], []
     for i in idx.tolist():
         item = data[i]
         if not (isinstance(item, (tuple, list)) and len(item) >= 2):
             raise TypeError(f"dataset items must be (image, label) pairs, got {type(item).__name__}")
         xs.append(torch.as_tensor(item[0]))
-        ys.append(int(item[1]))
+        ys.append(torch.as_tensor(item[1]))
     try:
         x = torch.stack(xs)
     except RuntimeError as exc:
         raise ValueError(f"dataset images differ in shape ({exc})") from exc
-    return x, torch.tensor(ys, dtype=torch.int64)
+    return x, _targets(torch.stack(ys))
+
+
+def load_targets(data: DataLike, indices: np.ndarray | Sequence[int], rows: int = 512) -> torch.Tensor:
+    """The labels (or regression targets) of `indices`, without decoding images where the data
+    holds them apart (array datasets, pairs); otherwise read in batches of `rows`."""
+    idx = np.asarray(indices, dtype=np.int64)
+    data = resolve(data)
+    if isinstance(data, ImageArrayDataset):
+        return _targets(torch.from_numpy(np.ascontiguousarray(data.labels[idx])))
+    if _is_pair(data):
+        return _targets(torch.as_tensor(data[1])[torch.from_numpy(idx)])
+    parts = [load_batch(data, idx[s:s + rows])[1] for s in range(0, len(idx), rows)]
+    return torch.cat(parts) if parts else torch.zeros(0, dtype=torch.int64)
 
 
 def dataset_classes(data: DataLike) -> list[str] | None:

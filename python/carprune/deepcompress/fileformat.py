@@ -259,10 +259,30 @@ class CompressedModel:
         return _Reader(memoryview(data)).read()
 
 
+@dataclass(frozen=True)
+class SectionInfo:
+    """Where one section lies in a ``.cpz`` file and its checksum (verified when read)."""
+
+    name: str
+    offset: int  # of the frame (name length field)
+    payload_bytes: int
+    frame_bytes: int  # name length, name, length, payload and crc
+    crc32: int
+
+
+def read_sections(data: bytes) -> tuple[CompressedModel, list[SectionInfo]]:
+    """Parse and verify a ``.cpz`` image like :meth:`CompressedModel.from_bytes` (every crc,
+    every stream decoded), and also list its sections in file order."""
+    reader = _Reader(memoryview(data))
+    cm = reader.read()
+    return cm, reader.seen
+
+
 class _Reader:
     def __init__(self, data: memoryview):
         self.data = data
         self.pos = 0
+        self.seen: list[SectionInfo] = []
 
     def section(self, expected: str) -> bytes:
         d, start = self.data, self.pos
@@ -287,6 +307,7 @@ class _Reader:
         if name != expected:
             raise CorruptFileError(expected, f"found section {name!r} in its place")
         self.pos = end + 4
+        self.seen.append(SectionInfo(name, start, size, end + 4 - start, crc))
         return bytes(d[p + 8 : end])
 
     def read(self) -> CompressedModel:

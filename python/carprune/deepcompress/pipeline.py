@@ -12,7 +12,6 @@ import copy
 import json
 import math
 import os
-import sys
 import time
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import asdict, dataclass, field
@@ -24,8 +23,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
-from tqdm.auto import tqdm
 
+from ..data.batches import num_items
+from ..logging_utils import PhaseProgress, log, progress_mode
 from .fileformat import CompressedModel, EncodedLayer, section_overhead, write_atomic
 from .layers import check_bits, compressible_layers, layer_kind, resolve, select_layers
 from .prune import PruneSpec, apply_mask, magnitude_mask, parse_prune
@@ -34,8 +34,15 @@ from .quantize import quantize_weight, write_shared
 DEFAULT_PRUNE: dict[str, float] = {"conv": 0.6, "linear": 0.9}
 DEFAULT_BITS: dict[str, int] = {"conv": 8, "linear": 5}
 DEFAULT_INDEX_BITS: dict[str, int] = {"conv": 8, "linear": 5}
+DEFAULT_WARN_DROP = 0.02  # accuracy (a fraction: 2 points) a phase may lose before a warning
 
 Data = Dataset | DataLoader
+
+# on_progress(phase, done, total, info): phase is one of PHASES; done of total steps (layers for
+# prune / quantise / encode, iterations for the two trainings, 0 then 1 for an evaluation);
+# info: the layer, the loss, or the stage and its accuracy.
+ProgressCallback = Callable[[str, int, int, Mapping[str, Any]], None]
+PHASES = ("prune", "retrain", "quantise", "fine-tune shared values", "encode", "evaluate")
 
 
 # ----------------------------------------------------------------------------- reports
@@ -94,6 +101,10 @@ class DeepCompressionReport:
     container_bytes: int  # preamble, header JSON, section framing and checksums
     config: dict[str, Any] = field(default_factory=dict)
     seconds: dict[str, float] = field(default_factory=dict)
+    eval_images: int | None = None  # images each accuracy was measured on
+    # a phase that lost more accuracy than config["warn_drop"]: {"phase", "stage", "compared_to",
+    # "before", "after", "drop", "message"}; empty when none did (or without eval data)
+    warnings: list[dict[str, Any]] = field(default_factory=list)
 
     @property
     def ratio(self) -> float:
@@ -139,29 +150,34 @@ class DeepCompressionReport:
         return cls.from_dict(json.loads(Path(path).read_text()))
 
     def to_markdown(self) -> str:
-        """Per-layer table plus totals and accuracies, for READMEs and benchmark output."""
+        """Per-layer table plus totals, accuracies and warnings, for READMEs and benchmark
+        output. Every column says its unit: code widths and stream lengths in bits, sizes in
+        bytes."""
         rows = [
-            "| layer | shape | params | nonzero | bits (w/idx) | weights | indices | codebook "
-            "| tables | bytes before | before Huffman | after | ratio |",
+            "| layer | shape | params | nonzero | code width (bits, weight/index) | weights (bits) "
+            "| indices (bits) | codebook (bits) | Huffman tables (bits) | dense (bytes) "
+            "| before Huffman (bytes) | after (bytes) | ratio |",
             "|---|---|---:|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|",
         ]
         for r in self.layers:
             rows.append(
-                f"| {r.name} | {'x'.join(map(str, r.shape))} | {r.params} | "
-                f"{r.nonzeros} ({100 * r.density:.1f} %) | {r.bits}/{r.index_bits} | "
-                f"{r.weight_bits} b | {r.index_code_bits} b | {r.codebook_bits} b | "
-                f"{r.huffman_table_bits} b | {r.bytes_before} | {r.bytes_before_huffman} | "
-                f"{r.bytes_after} | {r.ratio:.1f}x |"
+                f"| {r.name} | {'x'.join(map(str, r.shape))} | {r.params:,} | "
+                f"{r.nonzeros:,} ({100 * r.density:.1f} %) | {r.bits}/{r.index_bits} | "
+                f"{r.weight_bits:,} | {r.index_code_bits:,} | {r.codebook_bits:,} | "
+                f"{r.huffman_table_bits:,} | {r.bytes_before:,} | {r.bytes_before_huffman:,} | "
+                f"{r.bytes_after:,} | {r.ratio:.1f}x |"
             )
         rows.append(
-            f"\nSelected layers: {self.layers_bytes_before} -> {self.layers_bytes_after} bytes "
-            f"({self.layers_ratio:.1f}x). Whole model: {self.model_bytes_before} -> "
-            f"{self.file_bytes} bytes in the .cpz file ({self.ratio:.1f}x; other tensors "
-            f"{self.rest_bytes} B, container {self.container_bytes} B)."
+            f"\nSelected layers: {self.layers_bytes_before:,} -> {self.layers_bytes_after:,} bytes "
+            f"({self.layers_ratio:.1f}x). Whole model: {self.model_bytes_before:,} -> "
+            f"{self.file_bytes:,} bytes in the .cpz file ({self.ratio:.1f}x; other tensors "
+            f"{self.rest_bytes:,} bytes, container {self.container_bytes:,} bytes)."
         )
         acc = ", ".join(f"{k} {100 * v:.2f} %" for k, v in self.accuracy.items() if v is not None)
         if acc:
-            rows.append(f"Accuracy: {acc}.")
+            on = f" on {self.eval_images:,} images" if self.eval_images else ""
+            rows.append(f"Accuracy{on}: {acc}.")
+        rows += [f"WARNING: {w['message']}" for w in self.warnings]
         return "\n".join(rows)
 
 
@@ -259,8 +275,17 @@ def _cycle(loader: DataLoader) -> Iterator[Any]:
             raise ValueError("train_data yields no batch")
 
 
-def _show_progress(progress: bool | None) -> bool:
-    return sys.stderr.isatty() if progress is None else progress
+def _reporter(on_progress: ProgressCallback | None, progress: bool | None
+              ) -> tuple[ProgressCallback, PhaseProgress | None]:
+    """The callback to report through: `on_progress` if given, else bars per
+    `logging_utils.progress_mode(progress)` (a PhaseProgress the caller closes), else nothing."""
+    if on_progress is not None:
+        return on_progress, None
+    mode = progress_mode(progress)
+    if mode == "none":
+        return (lambda phase, done, total, info: None), None
+    bars = PhaseProgress(mode)
+    return bars, bars
 
 
 @torch.no_grad()
@@ -311,12 +336,11 @@ def _train(
     cfg: TrainConfig,
     after_backward: Callable[[], None],
     after_step: Callable[[], None],
-    desc: str,
-    progress: bool | None,
+    on_step: Callable[[int, float], None],
 ) -> float:
     """``iters`` steps of cross-entropy training on ``params``; BatchNorm stays in eval mode
-    (fine-tuning batches are small, their statistics would be noise). Returns the mean loss of
-    the last 10 % of steps."""
+    (fine-tuning batches are small, their statistics would be noise). After each step
+    ``on_step(steps done, running loss)``. Returns the mean loss of the last 10 % of steps."""
     device = _device(model)
     if cfg.optimizer == "sgd":
         opt: torch.optim.Optimizer = torch.optim.SGD(
@@ -336,7 +360,8 @@ def _train(
     losses: list[float] = []
     batches = _cycle(_loader(data, cfg.batch_size, shuffle=True, seed=cfg.seed))
     try:
-        for _ in tqdm(range(iters), desc=desc, disable=not _show_progress(progress), leave=False):
+        running = math.nan
+        for i in range(iters):
             x, y = next(batches)
             model.zero_grad(set_to_none=True)
             opt.zero_grad(set_to_none=True)
@@ -346,6 +371,8 @@ def _train(
             opt.step()
             after_step()
             losses.append(float(loss.detach()))
+            running = losses[-1] if i == 0 else 0.9 * running + 0.1 * losses[-1]
+            on_step(i + 1, running)
     finally:
         model.zero_grad(set_to_none=True)
         for p, flag in flags.items():
@@ -378,10 +405,13 @@ def retrain_pruned(
     cfg: TrainConfig | None = None,
     *,
     progress: bool | None = None,
+    on_progress: ProgressCallback | None = None,
 ) -> float:
     """Retrain ``model`` in place with the pruned weights (``masks[layer]`` False) held at
     exactly zero: their gradients are masked before and the masks re-applied after every
-    step, so neither momentum nor weight decay can revive them. Returns the final loss."""
+    step, so neither momentum nor weight decay can revive them. Returns the final loss.
+    Progress goes to ``on_progress("retrain", step, iters, {"loss": ...})``, or to bars
+    (``progress``: True, or None on a terminal)."""
     cfg = cfg or TrainConfig()
     weights, others = _layer_params(model, masks, cfg.train_scope)
 
@@ -395,18 +425,14 @@ def retrain_pruned(
             apply_mask(w, masks[n])
 
     params = list(weights.values()) + others
-    return _train(
-        model,
-        train_data,
-        iters,
-        params,
-        params,
-        cfg,
-        mask_grads,
-        remask,
-        "retrain pruned",
-        progress,
-    )
+    report, bars = _reporter(on_progress, progress)
+    report("retrain", 0, iters, {})
+    try:
+        return _train(model, train_data, iters, params, params, cfg, mask_grads, remask,
+                      lambda i, loss: report("retrain", i, iters, {"loss": loss}))
+    finally:
+        if bars is not None:
+            bars.close()
 
 
 def finetune_codebooks(
@@ -419,10 +445,12 @@ def finetune_codebooks(
     cfg: TrainConfig | None = None,
     *,
     progress: bool | None = None,
+    on_progress: ProgressCallback | None = None,
 ) -> dict[str, torch.Tensor]:
     """Trained quantisation (Han et al. section 3.3): the gradient of each shared value is the
     sum of the gradients of the weights in its cluster; after each step every layer's weights
-    are rewritten from its codebook, pruned ones as zero. Returns the tuned codebooks."""
+    are rewritten from its codebook, pruned ones as zero. Returns the tuned codebooks.
+    Progress as `retrain_pruned`, phase "fine-tune shared values"."""
     cfg = cfg or TrainConfig()
     weights, others = _layer_params(model, masks, cfg.train_scope)
     positions = {n: mk.reshape(-1).nonzero().squeeze(1) for n, mk in masks.items()}
@@ -443,18 +471,15 @@ def finetune_codebooks(
                 cents[n].copy_(cents[n].to(w.dtype).to(torch.float32))  # representable values
                 write_shared(w, positions[n], cents[n], labels[n])
 
-    _train(
-        model,
-        train_data,
-        iters,
-        list(cents.values()) + others,
-        list(weights.values()) + others,
-        cfg,
-        cluster_grads,
-        rewrite,
-        "fine-tune codebooks",
-        progress,
-    )
+    report, bars = _reporter(on_progress, progress)
+    report("fine-tune shared values", 0, iters, {})
+    try:
+        _train(model, train_data, iters, list(cents.values()) + others,
+               list(weights.values()) + others, cfg, cluster_grads, rewrite,
+               lambda i, loss: report("fine-tune shared values", i, iters, {"loss": loss}))
+    finally:
+        if bars is not None:
+            bars.close()
     return {n: c.detach() for n, c in cents.items()}
 
 
@@ -494,6 +519,8 @@ def deep_compress(
     kmeans_iters: int = 300,
     seed: int = 0,
     inplace: bool = False,
+    warn_drop: float | None = DEFAULT_WARN_DROP,
+    on_progress: ProgressCallback | None = None,
     progress: bool | None = None,
 ) -> DeepCompressionResult:
     """Deep-compress the conv/linear layers of ``model`` (all, or those named in ``layers``).
@@ -505,6 +532,16 @@ def deep_compress(
     (an int, or a pair for the two phases) steps of ``train_data`` retrain after pruning, with
     pruned weights held at zero, and then fine-tune the shared values. ``eval_data`` adds the
     accuracy after each stage to the report. The model is copied unless ``inplace``.
+
+    Retraining budget: on the whole pretrained ResNet-20 at the defaults, hold-out accuracy went
+    81.35 % -> 55.45 % without retraining, 74.10 % with (20, 10) iterations and 81.05 % with
+    (200, 100) (lr 1e-3, batch 64, 10,000 CIFAR-10 training images; README, Deep Compression).
+
+    warn_drop: with ``eval_data``, a phase (pruning + retraining, weight sharing + fine-tuning,
+    or both together) that loses more than this much accuracy (a fraction; 0.02 = 2 points) is
+    logged as a warning and listed in ``report.warnings``; None: no check.
+    on_progress: called as ``on_progress(phase, done, total, info)`` through every phase (see
+    ``PHASES``); without it ``progress`` (True, or None on a terminal) shows bars.
     """
     prune_iters, quant_iters = _iters(finetune_iters)
     cfg = TrainConfig(lr, optimizer, momentum, weight_decay, batch_size, seed, train_scope)
@@ -512,7 +549,25 @@ def deep_compress(
         raise ValueError("finetune_iters > 0 needs train_data")
     if kmeans_iters < 1:
         raise ValueError(f"kmeans_iters must be >= 1, got {kmeans_iters}")
+    if warn_drop is not None and not 0 <= warn_drop < 1:
+        raise ValueError(f"warn_drop is an accuracy drop in [0, 1) (0.02 = 2 points), got "
+                         f"{warn_drop}")
 
+    report, bars = _reporter(on_progress, progress)
+    try:
+        return _deep_compress(model, train_data, eval_data, layers, prune, bits, index_bits,
+                              prune_iters, quant_iters, cfg, kmeans_iters, inplace, warn_drop,
+                              report)
+    finally:
+        if bars is not None:
+            bars.close()
+
+
+def _deep_compress(model: nn.Module, train_data: Data | None, eval_data: Data | None,
+                   layers: Iterable[str] | str | None, prune: Any, bits: Any, index_bits: Any,
+                   prune_iters: int, quant_iters: int, cfg: TrainConfig, kmeans_iters: int,
+                   inplace: bool, warn_drop: float | None, report: ProgressCallback
+                   ) -> DeepCompressionResult:
     m = model if inplace else copy.deepcopy(model)
     everything = compressible_layers(m)
     selected = select_layers(m, layers)
@@ -527,54 +582,65 @@ def deep_compress(
     for n, w in weights.items():
         if not w.is_floating_point():
             raise ValueError(f"layer {n!r}: weight dtype {w.dtype} is not floating point")
+    names = list(weights)
 
     acc: dict[str, float | None] = {}
     seconds: dict[str, float] = {}
 
     def stage(name: str) -> None:
-        acc[name] = (
-            accuracy(m, eval_data, max(cfg.batch_size, 256)) if eval_data is not None else None
-        )
+        if eval_data is None:
+            acc[name] = None
+            return
+        report("evaluate", 0, 1, {"stage": name})
+        acc[name] = accuracy(m, eval_data, max(cfg.batch_size, 256))
+        report("evaluate", 1, 1, {"stage": name, "accuracy": acc[name]})
 
     stage("original")
 
     # 1. magnitude pruning, then retraining with pruned weights held at zero
     t0 = time.perf_counter()
-    masks = {n: magnitude_mask(w, prune_of[n]) for n, w in weights.items()}
-    for n, w in weights.items():
+    masks = {}
+    for i, (n, w) in enumerate(weights.items()):
+        report("prune", i, len(names), {"layer": n})
+        masks[n] = magnitude_mask(w, prune_of[n])
         apply_mask(w, masks[n])
+    report("prune", len(names), len(names), {})
     seconds["prune"] = time.perf_counter() - t0
     stage("pruned")
     if prune_iters:
         t0 = time.perf_counter()
-        retrain_pruned(m, masks, train_data, prune_iters, cfg, progress=progress)
+        retrain_pruned(m, masks, train_data, prune_iters, cfg, on_progress=report)
         seconds["retrain"] = time.perf_counter() - t0
         stage("pruned+retrained")
 
     # 2. weight sharing: k-means per layer over the surviving weights, then fine-tuning
     t0 = time.perf_counter()
     positions, codebooks, labels = {}, {}, {}
-    for n, w in weights.items():
+    for i, (n, w) in enumerate(weights.items()):
         positions[n] = masks[n].reshape(-1).nonzero().squeeze(1)
         # no more shared values than surviving weights: in a small layer (a 3-channel stem, a
         # CAR-narrowed conv) a 2**bits codebook would outweigh the weights it encodes
         bits_of[n] = min(bits_of[n], max(1, int(positions[n].numel()).bit_length() - 1))
+        report("quantise", i, len(names), {"layer": n, "bits": bits_of[n]})
         codebooks[n], labels[n] = quantize_weight(w, masks[n], bits_of[n], kmeans_iters)
         write_shared(w, positions[n], codebooks[n], labels[n])
+    report("quantise", len(names), len(names), {})
     seconds["quantize"] = time.perf_counter() - t0
     stage("quantized")
     if quant_iters:
         t0 = time.perf_counter()
         codebooks = finetune_codebooks(
-            m, masks, codebooks, labels, train_data, quant_iters, cfg, progress=progress
+            m, masks, codebooks, labels, train_data, quant_iters, cfg, on_progress=report
         )
         seconds["finetune"] = time.perf_counter() - t0
         stage("quantized+finetuned")
 
     # 3. sparse relative-index encoding + Huffman coding, then a decode check
     t0 = time.perf_counter()
-    encoded = [
-        EncodedLayer.encode(
+    encoded = []
+    for i, n in enumerate(names):
+        report("encode", i, len(names) + 1, {"layer": n})
+        encoded.append(EncodedLayer.encode(
             n,
             layer_kind(selected[n]) or "",
             weights[n].detach(),
@@ -583,30 +649,72 @@ def deep_compress(
             labels[n].cpu().numpy(),
             bits_of[n],
             ibits_of[n],
-        )
-        for n in weights
-    ]
+        ))
     state = m.state_dict()
     weight_keys = {f"{n}.weight" if n else "weight" for n in weights}
     rest = {k: t.detach().cpu().clone() for k, t in state.items() if k not in weight_keys}
     cm = CompressedModel(arch=type(m).__name__, layers=encoded, rest=rest)
     data = cm.to_bytes()
     seconds["encode"] = time.perf_counter() - t0
+    report("encode", len(names), len(names) + 1, {"layer": "(decode check)"})
     t0 = time.perf_counter()
     decoded = CompressedModel.from_bytes(data).state_dict()
     seconds["decode"] = time.perf_counter() - t0
     for k in weight_keys:
         if not torch.equal(decoded[k], state[k].cpu()):
             raise RuntimeError(f"internal error: {k} does not decode to the quantised weights")
+    report("encode", len(names) + 1, len(names) + 1, {})
 
-    report = _report(m, cm, data, encoded, prune_of, acc, seconds, cfg, (prune_iters, quant_iters))
+    rep = _report(m, cm, data, encoded, prune_of, acc, seconds, cfg, (prune_iters, quant_iters))
+    rep.config["warn_drop"] = warn_drop
+    rep.eval_images = num_items(eval_data) if eval_data is not None else None
+    rep.warnings = accuracy_warnings(acc, warn_drop, (prune_iters, quant_iters))
+    for w in rep.warnings:
+        log.warning("%s", w["message"])
     return DeepCompressionResult(
         model=m,
-        report=report,
+        report=rep,
         compressed=cm,
         masks={n: mk.detach() for n, mk in masks.items()},
         codebooks=codebooks,
     )
+
+
+def accuracy_warnings(acc: Mapping[str, float | None], warn_drop: float | None,
+                      iters: tuple[int, int] = (0, 0)) -> list[dict[str, Any]]:
+    """The phases of a Deep Compression run that lost more than `warn_drop` accuracy, from the
+    accuracy after each stage (`DeepCompressionReport.accuracy`): pruning (+ retraining) against
+    the original, weight sharing (+ fine-tuning) against the pruned model, and, when neither
+    alone did but both together did, the whole run against the original."""
+    if warn_drop is None or acc.get("original") is None:
+        return []
+
+    def last(*keys: str) -> tuple[str, float] | None:
+        for k in keys:
+            if acc.get(k) is not None:
+                return k, float(acc[k])  # type: ignore[arg-type]
+        return None
+
+    orig = ("original", float(acc["original"]))  # type: ignore[arg-type]
+    pruned = last("pruned+retrained", "pruned")
+    shared = last("quantized+finetuned", "quantized")
+    checks = [("pruning" + (" + retraining" if iters[0] else " (no retraining)"), orig, pruned),
+              ("weight sharing" + (" + fine-tuning" if iters[1] else " (no fine-tuning)"),
+               pruned, shared)]
+    out = []
+    for phase, a, b in checks:
+        if a is not None and b is not None and a[1] - b[1] > warn_drop:
+            out.append((phase, a, b))
+    if not out and shared is not None and orig[1] - shared[1] > warn_drop:
+        out.append(("the whole run", orig, shared))
+    advice = ("retrain longer (finetune_iters: 200,100 kept the whole ResNet-20 within 0.3 "
+              "points; README, Deep Compression), or prune less / use more bits")
+    return [{"phase": phase, "stage": b[0], "compared_to": a[0], "before": a[1], "after": b[1],
+             "drop": a[1] - b[1],
+             "message": f"accuracy fell {100 * (a[1] - b[1]):.1f} points in {phase} "
+                        f"({100 * a[1]:.2f} % {a[0]} -> {100 * b[1]:.2f} % {b[0]}), more than "
+                        f"the {100 * warn_drop:g} points allowed (warn_drop); {advice}"}
+            for phase, a, b in out]
 
 
 def _report(

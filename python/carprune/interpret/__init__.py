@@ -5,7 +5,11 @@ and when a compression removed it, the classes of highest and lowest CAR_c, its 
 image patches; for first layers the filters drawn from their weights and their colour
 selectivity; with a compressed model, per-class accuracy against the original. `save_html`
 writes one self-contained page plus PNGs and JSON. `build_report` does the same from saved
-scores or a saved compression result (the `carprune report` command).
+scores or a saved compression result (the `carprune report` command), whose landing page (one
+table of the layers, each linking to its page) comes from `landing`.
+
+Class lists hold only classes whose accuracy changes without the filter (CAR_c > 0: loses,
+CAR_c < 0: gains); when fewer than asked qualify, the report says so.
 """
 
 from .classes import ClassAccuracy, ClassImportance, ClassScore, class_accuracy, class_importance

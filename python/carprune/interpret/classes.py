@@ -16,7 +16,7 @@ from torch import nn
 
 from ..data.batches import DataLike, load_batch, num_items, pick_indices
 from ..engine import parse_bytes
-from ..scores import LayerScores
+from ..scores import LayerScores, ranked_classes, shortfall_note
 from .patches import batch_rows
 
 
@@ -30,44 +30,58 @@ class ClassScore:
 
 @dataclass
 class ClassImportance:
-    """The top and bottom classes of one filter by CAR_c (highest first / lowest first)."""
+    """The classes one filter affects most, by CAR_c: `top` lose accuracy without it (CAR_c > 0,
+    highest first), `bottom` gain accuracy without it (CAR_c < 0, lowest first). A class whose
+    accuracy does not change is in neither list, so a list may hold fewer than `requested`
+    classes (`positive`/`negative` count every class on each side)."""
 
     filter: int
     car: float
     top: list[ClassScore]
     bottom: list[ClassScore]
+    requested: int = 5
+    positive: int = 0
+    negative: int = 0
+
+    def note(self, side: str) -> str:
+        """'' when `side` ('top' or 'bottom') lists `requested` classes, else what to say
+        instead, e.g. 'only 2 classes lose accuracy without it'."""
+        if side not in ("top", "bottom"):
+            raise ValueError(f"side must be 'top' or 'bottom', got {side!r}")
+        found = self.positive if side == "top" else self.negative
+        return shortfall_note(found, self.requested, +1 if side == "top" else -1)
 
     def to_dict(self) -> dict:
         return asdict(self)
 
     @classmethod
     def from_dict(cls, d: dict) -> ClassImportance:
-        return cls(filter=d["filter"], car=d["car"], top=[ClassScore(**c) for c in d["top"]],
-                   bottom=[ClassScore(**c) for c in d["bottom"]])
+        return cls(**{**d, "top": [ClassScore(**c) for c in d["top"]],
+                      "bottom": [ClassScore(**c) for c in d["bottom"]]})
 
 
 def class_importance(scores: LayerScores, top: int = 5, samples: dict[int, int] | None = None
                      ) -> list[ClassImportance]:
-    """Per scored filter (in `scores.filters` order) the `top` classes of highest and of lowest
-    CAR_c; ties go to the lower class index. `samples` maps class -> a sample image index."""
+    """Per scored filter (in `scores.filters` order) up to `top` classes of highest positive
+    CAR_c and up to `top` of lowest negative CAR_c (`scores.ranked_classes`: ties go to the lower
+    class index; classes with CAR_c 0 are not listed). `samples` maps class -> a sample image
+    index."""
     if top < 1:
         raise ValueError(f"top must be >= 1, got {top}")
     samples = samples or {}
-    car_c = scores.car_c.numpy()
-    car = scores.car.numpy()
-    k = min(top, scores.num_classes)
+    car_c = scores.importance_c.numpy()   # CAR_c for top-1; the importance per class otherwise
+    car = scores.importance.numpy()
     out = []
     for i, f in enumerate(scores.filters.tolist()):
         row = car_c[i]
-        cls_idx = np.arange(len(row))
-        hi = np.lexsort((cls_idx, -row))[:k]
-        lo = np.lexsort((cls_idx, row))[:k]
 
-        def pick(cs: np.ndarray, row: np.ndarray = row) -> list[ClassScore]:
-            return [ClassScore(int(c), scores.classes[c], float(row[c]), samples.get(int(c)))
-                    for c in cs]
+        def pick(cs: list[int], row: np.ndarray = row) -> list[ClassScore]:
+            return [ClassScore(c, scores.classes[c], float(row[c]), samples.get(c)) for c in cs]
 
-        out.append(ClassImportance(filter=int(f), car=float(car[i]), top=pick(hi), bottom=pick(lo)))
+        out.append(ClassImportance(filter=int(f), car=float(car[i]),
+                                   top=pick(ranked_classes(row, top, +1)),
+                                   bottom=pick(ranked_classes(row, top, -1)), requested=top,
+                                   positive=int((row > 0).sum()), negative=int((row < 0).sum())))
     return out
 
 
@@ -83,6 +97,7 @@ class ClassAccuracy:
     share_within: float         # classes with compressed >= original - within
     original_overall: float
     compressed_overall: float
+    images: str = ""            # which images these accuracies were measured on, in words
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -158,4 +173,4 @@ def class_accuracy(original: nn.Module, compressed: nn.Module, data: DataLike, c
         compressed=[None if np.isnan(v) else float(v) for v in a1], within=float(within),
         share_within=float(ok.mean()) if ok.size else 0.0,
         original_overall=float(c0.sum() / max(1, tot.sum())),
-        compressed_overall=float(c1.sum() / max(1, tot.sum())))
+        compressed_overall=float(c1.sum() / max(1, tot.sum())), images=f"{len(idx)} images")

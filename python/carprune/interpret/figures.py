@@ -46,14 +46,14 @@ def car_chart(filters: Sequence[int], car: Sequence[float], removed: Sequence[bo
     """CAR per filter, most important first; removed filters in red."""
     order = np.argsort(-np.asarray(car, dtype=float), kind="stable")
     n = len(order)
-    fig = Figure(figsize=(min(16, 3 + 0.18 * n), 3.2))
+    fig = Figure(figsize=(min(13.5, 3 + 0.18 * n), 3.2))
     ax = fig.add_subplot()
     vals = 100 * np.asarray(car, dtype=float)[order]
     ax.bar(np.arange(n), vals, color=[_status_colour(removed[i]) for i in order], width=0.85)
     ax.axhline(0, color="black", lw=0.6)
     if n <= 64:
         ax.set_xticks(np.arange(n))
-        ax.set_xticklabels([str(filters[i]) for i in order], rotation=90, fontsize=7)
+        ax.set_xticklabels([str(filters[i]) for i in order], rotation=90, fontsize=8)
     ax.set_xlabel("filter (ordered by CAR)")
     ax.set_ylabel("CAR (accuracy points lost)")
     ax.set_title(f"{layer}: CAR of each filter"
@@ -62,7 +62,7 @@ def car_chart(filters: Sequence[int], car: Sequence[float], removed: Sequence[bo
     return _save(fig)
 
 
-def _weight_pixels(w: np.ndarray) -> np.ndarray:
+def weight_pixels(w: np.ndarray) -> np.ndarray:
     """Filters [F, C, kh, kw] as uint8 images [F, kh, kw, 3]: grey = 0, each filter scaled to
     its own largest weight (as first-layer filters are usually shown), so weak filters still
     show their pattern and colour."""
@@ -94,43 +94,53 @@ def fit(tile: np.ndarray, size: int) -> np.ndarray:
     return out
 
 
+LABEL_PT = 9          # grid labels: 9 pt at 100 dpi = 12.5 px in the PNG
+CHAR_PX = 7.5         # rough width of one label character at LABEL_PT
+
+
 def grid_figure(tiles: Sequence[np.ndarray | None], labels: Sequence[str], cols: int, title: str,
                 frames: Sequence[str | None] | None = None, colours: Sequence[str] | None = None,
                 size: int = 48, row_labels: Sequence[str] | None = None) -> bytes:
     """Tiles in a grid with a label above each and an optional coloured frame: one image drawn
-    once (fast for hundreds of tiles), text added on top. None tiles leave a gap."""
+    once (fast for hundreds of tiles), text added on top. None tiles leave a gap (their label,
+    if any, is still drawn). Labels are 9 pt (12.5 px at the PNG's 100 dpi); cells widen to fit
+    them."""
     n = len(tiles)
     rows = -(-n // cols)
-    pad, head = 4, 26
-    ch, cw = size + 2 * pad + head, size + 2 * pad
+    pad = 4
+    lines = [lab.split("\n") for lab in labels]
+    head = 8 + 13 * max((len(ls) for ls in lines if any(ls)), default=1)
+    widest = max((len(x) for ls in lines for x in ls), default=0)
+    cw = max(size + 2 * pad, int(CHAR_PX * widest) + 8)
+    ch = size + 2 * pad + head
     canvas = np.full((rows * ch, cols * cw, 3), 255, dtype=np.uint8)
     for i, t in enumerate(tiles):
         if t is None:
             continue
         r, c = divmod(i, cols)
-        y, x = r * ch + head, c * cw
+        y, x = r * ch + head, c * cw + (cw - size) // 2 - pad
         fr = frames[i] if frames else None
         if fr:
             rgb = tuple(int(fr[k:k + 2], 16) for k in (1, 3, 5))
-            canvas[y + 1:y + size + 2 * pad - 1, x + 1:x + cw - 1] = rgb
+            canvas[y + 1:y + size + 2 * pad - 1, x + 1:x + size + 2 * pad - 1] = rgb
         canvas[y + pad:y + pad + size, x + pad:x + pad + size] = fit(t, size)
     dpi = 100
-    left = 0.9 if row_labels else 0.0
-    fig = Figure(figsize=(max(3.0, canvas.shape[1] / dpi + left), canvas.shape[0] / dpi + 0.35))
+    left = 1.1 if row_labels else 0.0
+    fig = Figure(figsize=(max(3.0, canvas.shape[1] / dpi + left), canvas.shape[0] / dpi + 0.4))
     ax = fig.add_axes((left / (canvas.shape[1] / dpi + left), 0,
                        1 - left / (canvas.shape[1] / dpi + left),
-                       canvas.shape[0] / dpi / (canvas.shape[0] / dpi + 0.35)))
+                       canvas.shape[0] / dpi / (canvas.shape[0] / dpi + 0.4)))
     ax.imshow(canvas, interpolation="nearest")
     for i, lab in enumerate(labels):
         if not lab:
             continue
         r, c = divmod(i, cols)
-        ax.text(c * cw + cw / 2, r * ch + head - 1, lab, ha="center", va="bottom", fontsize=6,
-                color=colours[i] if colours else "black", linespacing=1.0)
+        ax.text(c * cw + cw / 2, r * ch + head - 2, lab, ha="center", va="bottom",
+                fontsize=LABEL_PT, color=colours[i] if colours else "black", linespacing=1.0)
     for r, lab in enumerate(row_labels or []):
-        ax.text(-6, r * ch + head + cw / 2, lab, ha="right", va="center", fontsize=7)
+        ax.text(-6, r * ch + head + pad + size / 2, lab, ha="right", va="center", fontsize=LABEL_PT)
     ax.set_axis_off()
-    fig.suptitle(title, fontsize=9, y=1.0, va="bottom")
+    fig.suptitle(title, fontsize=11, y=1.0, va="bottom")
     return _save(fig, dpi=dpi)
 
 
@@ -138,7 +148,7 @@ def first_layer_filters(weight: np.ndarray, order: Sequence[int], car: dict[int,
                         removed: dict[int, int | None], layer: str) -> bytes:
     """Figure 5: first-layer filters drawn from their weights, in the given order (most important
     first), removed ones framed in red with their removal step."""
-    pix = _weight_pixels(np.asarray(weight, dtype=np.float64))
+    pix = weight_pixels(np.asarray(weight, dtype=np.float64))
     labels, frames, colours = [], [], []
     for f in order:
         step, c = removed.get(f), car.get(f)
@@ -166,7 +176,7 @@ def colour_figure(indices: Sequence[float], order: Sequence[int], threshold: flo
     ax.axvline(k - 0.5, color="black", lw=0.8, ls=":")
     if n <= 64:
         ax.set_xticks(np.arange(n))
-        ax.set_xticklabels([str(f) for f in order], rotation=90, fontsize=7)
+        ax.set_xticklabels([str(f) for f in order], rotation=90, fontsize=8)
     ax.set_ylim(0, 1)
     ax.set_xlabel(f"filter, in pruning order ({order_source})")
     ax.set_ylabel("colour-selectivity index")
@@ -218,7 +228,7 @@ def class_accuracy_figure(original: Sequence[float | None], compressed: Sequence
     if len(classes) <= 20:
         for c, name in enumerate(classes):
             if np.isfinite(a0[c]):
-                ax.annotate(name, (a0[c], a1[c]), fontsize=6.5, xytext=(3, -3),
+                ax.annotate(name, (a0[c], a1[c]), fontsize=8.5, xytext=(3, -3),
                             textcoords="offset points")
     for c, colour in (highlight or {}).items():
         ax.scatter([a0[c]], [a1[c]], s=70, facecolors="none", edgecolors=colour, lw=1.5)
@@ -229,15 +239,18 @@ def class_accuracy_figure(original: Sequence[float | None], compressed: Sequence
     ax.set_ylabel("compressed accuracy per class (%)")
     ax.set_title(f"{layer} compressed: {100 * share:.0f}% of classes within "
                  f"{100 * within:g} points", fontsize=9)
-    ax.legend(fontsize=7, loc="upper left")
+    ax.legend(fontsize=8.5, loc="upper left")
     return _save(fig)
 
 
 def class_panels(rows: Sequence[dict], layer: str) -> bytes:
-    """Figure 9 A-C: per filter, its top patches (A) and its top (B) and bottom (C) classes by
-    CAR_c with a sample image of each. rows: {'filter', 'car', 'patches' (pixels),
-    'top'/'bottom': [(name, car_c, pixels)]}."""
-    k = max(max(len(r["top"]), len(r["bottom"])) for r in rows)
+    """Figure 9 A-C: per filter, its top patches (A) and the classes that lose most accuracy
+    without it (B, CAR_c > 0) and gain most (C, CAR_c < 0), each with a sample image. Classes
+    whose accuracy does not change are not shown; a short list ends with its 'top_note' /
+    'bottom_note' (e.g. 'only 2 classes lose accuracy without it'). rows: {'filter', 'car',
+    'patches' (pixels), 'top'/'bottom': [(name, car_c, pixels)], 'top_note'/'bottom_note'}."""
+    k = max(1, max(len(r[side]) + bool(r.get(f"{side}_note")) for r in rows
+                   for side in ("top", "bottom")))
     cols = 2 * k + 3
     tiles: list[np.ndarray | None] = []
     labels: list[str] = []
@@ -245,15 +258,29 @@ def class_panels(rows: Sequence[dict], layer: str) -> bytes:
         tiles += [r["patches"], None]
         labels += [f"A: filter {r['filter']}", ""]
         for side, tag in (("top", "B"), ("bottom", "C")):
-            items = list(r[side]) + [None] * (k - len(r[side]))
+            items: list = list(r[side])
+            note = r.get(f"{side}_note") or ""
+            if note:
+                items.append(("__note__", note))
+            items += [None] * (k - len(items))
             for j, it in enumerate(items):
-                tiles.append(None if it is None else it[2])
-                labels.append("" if it is None else
-                              (f"{tag}: " if j == 0 else "") + f"{it[0][:14]}\n{100 * it[1]:+.1f}")
+                prefix = f"{tag}: " if j == 0 else ""
+                if it is None:
+                    tiles.append(None)
+                    labels.append("")
+                elif it[0] == "__note__":
+                    tiles.append(None)
+                    text = it[1].removesuffix(" without it")
+                    cut = text.rfind(" ", 0, text.rfind(" accuracy"))
+                    labels.append(prefix + text[:cut] + "\n" + text[cut + 1:])
+                else:
+                    tiles.append(it[2])
+                    labels.append(prefix + f"{it[0][:12]}\n{100 * it[1]:+.1f}")
             if side == "top":
                 tiles.append(None)
                 labels.append("")
     return grid_figure(tiles, labels, cols,
-                       f"{layer}: (A) top patches, classes of highest (B) and lowest (C) CAR_c "
-                       "(points), with a sample image", size=56,
+                       f"{layer}: (A) top patches; classes that lose most (B, CAR_c > 0) and gain "
+                       "most (C, CAR_c < 0) without the filter (points), with a sample image",
+                       size=56,
                        row_labels=[f"filter {r['filter']}\nCAR {100 * r['car']:+.2f}" for r in rows])

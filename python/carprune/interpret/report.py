@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import copy
 import os
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -16,7 +17,7 @@ from PIL import Image
 from torch import nn
 
 from .. import graph
-from ..data.batches import DataLike, num_items
+from ..data.batches import DataLike, dataset_classes, num_items
 from ..engine import score_layer
 from ..io import atomic_write, read_json, write_json
 from ..scores import LayerScores
@@ -30,7 +31,7 @@ if TYPE_CHECKING:
     from ..greedy import CompressionResult
 
 REPORT_FORMAT = "carprune.InterpretationReport"
-REPORT_VERSION = 1
+REPORT_VERSION = 2      # 2: class lists hold only classes with a non-zero CAR_c
 JSON_NAME = "report.json"
 TILE_MAX = 64          # display size cap (pixels) of one patch or class sample
 
@@ -90,6 +91,7 @@ class InterpretationReport:
     compression: dict[str, Any] | None = None
     highlight: list[int] = field(default_factory=list)   # filters of the Figure-9 panels
     notes: list[str] = field(default_factory=list)
+    scored_here: bool = False   # CAR was scored by `interpret` on the data given, not passed in
     figures: dict[str, bytes] = field(default_factory=dict, repr=False)
 
     # -- access ------------------------------------------------------------------------------
@@ -144,15 +146,16 @@ class InterpretationReport:
             out.append(p)
         return out
 
-    def save_html(self, path: str | os.PathLike) -> Path:
+    def save_html(self, path: str | os.PathLike, back_link: str | None = None) -> Path:
         """One self-contained page (images as data URIs, no external resources), with every
-        figure as a PNG and the numbers as report.json beside it."""
+        figure as a PNG and the numbers as report.json beside it. `back_link`: a link at the top
+        back to a landing page (relative to `path`)."""
         from .html import render
 
         path = Path(path)
         self.save_figures(path.parent)
         self.save_json(path.parent / JSON_NAME)
-        page = render(self, json_name=JSON_NAME)
+        page = render(self, json_name=JSON_NAME, back_link=back_link)
         atomic_write(path, lambda f: f.write(page.encode("utf-8")))
         return path
 
@@ -176,7 +179,7 @@ class InterpretationReport:
             class_accuracy=ClassAccuracy.from_dict(d["class_accuracy"]) if d.get("class_accuracy")
             else None,
             compression=d.get("compression"), highlight=list(d.get("highlight", [])),
-            notes=list(d.get("notes", [])))
+            notes=list(d.get("notes", [])), scored_here=bool(d.get("scored_here", False)))
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> InterpretationReport:
@@ -261,6 +264,8 @@ def interpret(
     within: float = 0.03,
     device: torch.device | str | None = None,
     progress: bool | None = None,
+    classes: Sequence[str] | None = None,
+    metric: Any = None,
 ) -> InterpretationReport:
     """Interpret the filters of conv `layer` of `model` on `data` (the CAR paper, Figures 5-9).
 
@@ -273,6 +278,9 @@ def interpret(
       whole dataset) in one streaming pass.
     colour_k: for RGB first layers, how many of the first pruned filters to count colour filters
       among (default: the filters the compression removed, else half the layer).
+    classes: class names in label order, when `data` carries none (e.g. a tensor pair).
+    metric: what the scores measure when they are computed here (default top-1: CAR; e.g. 'top5'
+      or 'nll', see `score_layer`); the report's CAR values are then that metric's importance.
     """
     n_data = num_items(data)
     if n_data == 0:
@@ -284,8 +292,13 @@ def interpret(
     gm = graph.trace(model)
     node = graph.conv_call(gm, layer)
     conv = gm.get_submodule(layer)
+    if not isinstance(conv, nn.Conv2d):
+        raise graph.CutError(f"layer {layer!r} is a {type(conv).__name__}, not a Conv2d: "
+                             "interpretation pages (patches, receptive fields) are drawn for conv "
+                             "layers; score its units with score_layer, or compare layers with "
+                             "compare")
     nf = int(conv.out_channels)
-    data_classes = getattr(data, "classes", None)
+    data_classes = list(classes) if classes is not None else dataset_classes(data)
     if scores is not None:
         _check_scores(scores, layer, nf, len(data_classes) if data_classes is not None else None)
     if compression is not None:
@@ -293,9 +306,16 @@ def interpret(
     notes: list[str] = []
 
     # CAR and CAR_c
+    scored_here = scores is None
     if scores is None:
         scores = score_layer(model, layer, data, num_images=num_images, seed=seed,
-                             memory_budget=memory_budget, device=device, progress=progress)
+                             memory_budget=memory_budget, device=device, progress=progress,
+                             classes=classes, metric=metric)
+    if not scores.is_accuracy:
+        notes.append(f"Importance is measured by {scores.metric!r}, not top-1 accuracy: every CAR "
+                     f"and CAR_c value here is how much worse the mean {scores.metric} gets without "
+                     "the filter (in its units, shown x100), and the base accuracy is the mean "
+                     f"{scores.metric}.")
     if scores.removed:
         notes.append(f"CAR was scored with filters {scores.removed} already removed.")
     classes = list(scores.classes)
@@ -306,7 +326,8 @@ def interpret(
                             device=device, progress=progress)
     samples = {c: i for c, i in search.class_first.items() if 0 <= c < len(classes)}
     importance = class_importance(scores, top_classes, samples)
-    car = {int(f): float(v) for f, v in zip(scores.filters.tolist(), scores.car.tolist(), strict=True)}
+    car = {int(f): float(v) for f, v in zip(scores.filters.tolist(), scores.importance.tolist(),
+                                            strict=True)}
     order_pos = scores.order().tolist()
     asc = [int(scores.filters[i]) for i in order_pos]          # least important first
     rank = {f: len(asc) - p for p, f in enumerate(asc)}
@@ -328,10 +349,16 @@ def interpret(
                      "base_accuracy": getattr(compression.trajectory[0], "holdout_accuracy", None)
                      if compression.trajectory else None,
                      "final_accuracy": getattr(fin, "holdout_accuracy", None) if fin else None,
-                     "has_model": compression.model is not None}
+                     "has_model": compression.model is not None,
+                     "accuracy_on": "hold-out"}
         if comp_dict["base_accuracy"] is None and compression.trajectory:
             comp_dict["base_accuracy"] = compression.trajectory[0].score_accuracy
             comp_dict["final_accuracy"] = fin.score_accuracy if fin else None
+            comp_dict["accuracy_on"] = "scoring"
+        cfg = getattr(compression, "config", None) or {}
+        comp_dict["accuracy_images"] = cfg.get("eval_images" if comp_dict["accuracy_on"] ==
+                                               "hold-out" else "score_images")
+        comp_dict["score_images"] = cfg.get("score_images")
     marks = {f: removed_step.get(f) for f in range(nf)}
 
     # first layer: filters as images, colour selectivity
@@ -362,6 +389,8 @@ def interpret(
             acc = class_accuracy(model, compression.model, data, classes, num_images=search_images,
                                  seed=seed, within=within, memory_budget=memory_budget,
                                  progress=progress)
+            acc.images = (f"{sum(acc.counts)} images of the interpretation data (those searched "
+                          "for patches), not the compression's own scoring or hold-out images")
         else:
             notes.append("The compression result has no model (loaded without architecture): "
                          "no per-class accuracy.")
@@ -384,10 +413,11 @@ def interpret(
         image_shape=tuple(search.image_shape), classes=classes,
         class_samples=[samples.get(c) for c in range(len(classes))], first_layer=first,
         activation=search.activation, receptive_field=search.receptive_field,
-        scored_images=scores.num_images, base_accuracy=scores.base_accuracy,
+        scored_images=scores.num_images, base_accuracy=scores.base_value,
         searched_images=search.num_images, filters=filters, class_importance=importance,
         colour=colour, class_accuracy=acc, compression=comp_dict,
-        highlight=[f for f in most_first if f in car][:highlight], notes=notes)
+        highlight=[f for f in most_first if f in car][:highlight], notes=notes,
+        scored_here=scored_here)
     _draw(rep, data, search, conv, most_first, car, marks)
     return rep
 
@@ -413,8 +443,10 @@ def _draw(rep: InterpretationReport, data: DataLike, search: PatchSearch, conv: 
             samples[c] = _thumb(p)
             figs[f"samples/class_{c:04d}.png"] = figures.png(samples[c])
     if rep.first_layer:
-        figs["filters.png"] = figures.first_layer_filters(
-            conv.weight.detach().cpu().numpy(), most_first, car, marks, rep.layer)
+        w = conv.weight.detach().cpu().numpy()
+        figs["filters.png"] = figures.first_layer_filters(w, most_first, car, marks, rep.layer)
+        for f, pix in enumerate(figures.weight_pixels(w)):
+            figs[f"weights/filter_{f:04d}.png"] = figures.png(pix)
     if rep.colour is not None:
         c = rep.colour
         figs["colour.png"] = figures.colour_figure(c.indices, c.order, c.threshold, c.k,
@@ -426,7 +458,8 @@ def _draw(rep: InterpretationReport, data: DataLike, search: PatchSearch, conv: 
         rows.append({"filter": f, "car": ci.car, "patches": _rgb(tiles[f]),
                      "top": [(s.name, s.car_c, _rgb(samples.get(s.index, blank))) for s in ci.top],
                      "bottom": [(s.name, s.car_c, _rgb(samples.get(s.index, blank)))
-                                for s in ci.bottom]})
+                                for s in ci.bottom],
+                     "top_note": ci.note("top"), "bottom_note": ci.note("bottom")})
     if rows:
         figs["class_panels.png"] = figures.class_panels(rows, rep.layer)
     if rep.class_accuracy is not None:
@@ -454,6 +487,7 @@ def build_report(
     compression_dir: str | os.PathLike | None = None,
     top_classes: int = 5,
     patches: int = 9,
+    back_link: str | None = None,
     **kwargs: Any,
 ) -> InterpretationReport:
     """What `carprune report` runs: load saved scores (`LayerScores.save`) and/or a saved
@@ -461,7 +495,8 @@ def build_report(
     interpret, and write out_dir/index.html with the PNGs and report.json beside it.
 
     `layer` may be None when a scores file or compression result names it. Other keyword
-    arguments go to `interpret` (num_images, search_images, memory_budget, progress, ...).
+    arguments go to `interpret` (num_images, search_images, memory_budget, progress, ...);
+    `back_link` links the page back to a landing page (`carprune report`: '../index.html').
     """
     scores = LayerScores.load(scores_path) if scores_path is not None else None
     compression = None
@@ -477,5 +512,5 @@ def build_report(
         layer = named
     rep = interpret(model, layer, data, scores=scores, compression=compression,
                     top_classes=top_classes, patches=patches, **kwargs)
-    rep.save_html(Path(out_dir) / "index.html")
+    rep.save_html(Path(out_dir) / "index.html", back_link=back_link)
     return rep
