@@ -262,7 +262,7 @@ def test_checkpoint_and_data_errors(tmp_path):
     with pytest.raises(ValueError, match="shape mismatch: conv1.weight"):
         cp.models.load_checkpoint(_wider_stem(), RESNET20)
     (tmp_path / "junk.th").write_bytes(b"not a checkpoint")
-    with pytest.raises(ValueError, match="not a readable torch file"):
+    with pytest.raises(ValueError, match="junk.th is not a PyTorch checkpoint, or it is corrupt"):
         cp.models.load_checkpoint(cp.models.resnet_cifar(20), tmp_path / "junk.th")
     with pytest.raises(FileNotFoundError, match="CIFAR-10 archive not found"):
         cp.data.cifar10(tmp_path / "none.tar.gz")
