@@ -347,7 +347,7 @@ def test_load_errors_name_the_problem(resnet20, lenet, tmp_path):
             (v / "weights.pt").write_bytes(weights)
         return v
 
-    with pytest.raises(ValueError, match=r"weights .*weights\.pt is not a PyTorch checkpoint, or it is corrupt"):
+    with pytest.raises(ValueError, match=r"weights\.pt is not a PyTorch checkpoint, or it is corrupt"):
         surgery.load_pruned(variant("corrupt", weights=b"not a torch file"), arch)
     v = variant("noweights")
     (v / "weights.pt").unlink()
