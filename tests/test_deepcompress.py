@@ -659,3 +659,14 @@ def test_readme_route_loads_a_car_pruned_cpz(resnet20, cifar_test, tmp_path):
     # the unpruned architecture does not fit, and the message names the tensor
     with pytest.raises(ValueError, match=r"layer3\.2\.conv1\.weight has shape \(64, 64, 3, 3\)"):
         cp.load_compressed(tmp_path / "net.cpz", cp.models.resnet_cifar(20))
+
+
+def test_a_numpy_pair_is_taken_as_evaluation_and_training_data(lenet, mnist_test):
+    from carprune.deepcompress.pipeline import _loader
+
+    x, y = mnist_test.batch(np.arange(64))
+    ref = [b for b in _loader(mnist_test.subset(np.arange(64)), 16, shuffle=False, seed=0)]
+    got = [b for b in _loader((x.numpy(), y.numpy()), 16, shuffle=False, seed=0)]
+    assert len(got) == len(ref) == 4
+    for (gx, gy), (rx, ry) in zip(got, ref, strict=True):
+        assert torch.equal(gx, rx) and torch.equal(gy.long(), ry.long())

@@ -9,7 +9,7 @@ compare two layers of two networks (`compare`).
 
 import torch  # noqa: F401  (loads libtorch before the extension)
 
-from . import _ops, data, io, metrics, models  # noqa: F401  (_ops registers the native ops)
+from . import _ops, data, io, metrics, models, threads  # noqa: F401  (_ops registers the native ops)
 from ._ops import ablate_conv, ablate_conv_head, class_correct_counts
 from .compare import Comparison, compare
 from .cost import CostReport, LayerCost, count_cost

@@ -22,9 +22,10 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, TensorDataset
 
 from ..data.batches import num_items
+from ..data.batches import resolve as resolve_data
 from ..logging_utils import PhaseProgress, log, progress_mode
 from .fileformat import CompressedModel, EncodedLayer, section_overhead, write_atomic
 from .layers import check_bits, compressible_layers, layer_kind, resolve, select_layers
@@ -36,7 +37,7 @@ DEFAULT_BITS: dict[str, int] = {"conv": 8, "linear": 5}
 DEFAULT_INDEX_BITS: dict[str, int] = {"conv": 8, "linear": 5}
 DEFAULT_WARN_DROP = 0.02  # accuracy (a fraction: 2 points) a phase may lose before a warning
 
-Data = Dataset | DataLoader
+Data = Any  # a Dataset, DataLoader, or (images, labels) pair: carprune.data.batches.DataLike
 
 # on_progress(phase, done, total, info): phase is one of PHASES; done of total steps (layers for
 # prune / quantise / encode, iterations for the two trainings, 0 then 1 for an evaluation);
@@ -261,6 +262,9 @@ def _device(model: nn.Module) -> torch.device:
 def _loader(data: Data, batch_size: int, shuffle: bool, seed: int) -> DataLoader:
     if isinstance(data, DataLoader):
         return data
+    data = resolve_data(data)
+    if isinstance(data, tuple):  # (images, labels) of tensors or numpy arrays
+        data = TensorDataset(*data)
     gen = torch.Generator().manual_seed(seed)
     return DataLoader(data, batch_size=batch_size, shuffle=shuffle, generator=gen)
 
