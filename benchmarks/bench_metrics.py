@@ -27,7 +27,7 @@ import torch
 
 import carprune as cp
 
-from .common import DATA, OUT, ROOT, cifar_test, resnet20
+from .common import DATA, OUT, ROOT, cifar_test, masked_outputs, resnet20
 
 MNIST = DATA / "mnist_5k.npz"
 BASELINES = ["mean_in", "mean_out", "l1"]
@@ -35,23 +35,6 @@ COLOURS = {"car": "purple", "rar": "purple", "mean_out": "black", "mean_in": "gr
 
 
 # -- exactness ------------------------------------------------------------------------------------
-def _masked(model, cut_module, unit, x, batch=100):
-    h = None
-    if unit is not None:
-        def zero(mod, inp, out):
-            out = out.clone()
-            out[:, unit] = 0
-            return out
-
-        h = dict(model.named_modules())[cut_module].register_forward_hook(zero)
-    try:
-        with torch.no_grad():
-            return torch.cat([model(x[s:s + batch]) for s in range(0, len(x), batch)])
-    finally:
-        if h is not None:
-            h.remove()
-
-
 def _per_sample(metric: str, out: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
     """The metric per image, written out plainly in float64."""
     out = out.double()
@@ -70,8 +53,8 @@ def _reference(model, cut_module, units, x, t, groups, ngroups, metric, scale):
         v = torch.round(_per_sample(metric, out, t) * scale).to(torch.int64)
         return torch.zeros(ngroups, dtype=torch.int64).index_add_(0, groups, v)
 
-    return (torch.stack([sums(_masked(model, cut_module, u, x)) for u in units]),
-            sums(_masked(model, cut_module, None, x)))
+    return (torch.stack([sums(masked_outputs(model, cut_module, u, x)) for u in units]),
+            sums(masked_outputs(model, cut_module, None, x)))
 
 
 def exactness(args) -> None:

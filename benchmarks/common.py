@@ -47,6 +47,26 @@ def naive_counts(model: nn.Module, cut_module: str, filters, x: torch.Tensor, y:
     return counts
 
 
+def masked_outputs(model: nn.Module, cut_module: str, unit, x: torch.Tensor, batch: int = 100
+                   ) -> torch.Tensor:
+    """The whole network's outputs on `x` with channel `unit` zeroed after `cut_module` by a
+    forward hook (None: nothing zeroed)."""
+    h = None
+    if unit is not None:
+        def zero(mod, inp, out):
+            out = out.clone()
+            out[:, unit] = 0
+            return out
+
+        h = dict(model.named_modules())[cut_module].register_forward_hook(zero)
+    try:
+        with torch.no_grad():
+            return torch.cat([model(x[s:s + batch]) for s in range(0, len(x), batch)])
+    finally:
+        if h is not None:
+            h.remove()
+
+
 def best_batch(model: nn.Module, x: torch.Tensor, sizes=(32, 64, 100, 200, 500)) -> tuple[int, dict]:
     """The batch size at which a full forward runs fastest here (per image), by measurement."""
     per_image = {}

@@ -50,7 +50,8 @@ apt_get() {
 echo "chromium not found: installing Debian's chromium package with apt-get (about 1 min;" \
      "apt-get's output is shown only if it fails)"
 apt_get update
-# Capture first: under pipefail, `apt-cache policy | grep -q` fails by SIGPIPE when grep exits early.
+# Capture apt-cache's output first: piped straight into an early-exiting grep, it would die of
+# SIGPIPE, and pipefail would report the package as unavailable.
 policy=$(apt-cache policy chromium 2>/dev/null || true)
 if ! grep -q 'Candidate: [0-9]' <<<"$policy"; then
     echo "error: the package 'chromium' is not available from this system's apt sources" \
