@@ -28,6 +28,7 @@ that bound. Results: a table on stdout, out/bench/tail/results.md and results.js
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import time
@@ -93,11 +94,9 @@ def greedy_row(net: str, layer: str, zero_module: str, data, x, y, args) -> dict
     n = dict(model.named_modules())[layer].out_channels
     res, t_head = _timed(lambda: cp.compress_layer(model, layer, data, progress=False))
 
-    def generic(scorer):  # the same run through the generic tail
-        return cp.LayerScorer(model, layer, data, fused_head=False, progress=False)
-
+    generic = functools.partial(cp.LayerScorer, fused_head=False)  # the same run, generic tail
     gen, t_generic = _timed(lambda: cp.compress_layer(model, layer, data, progress=False,
-                                                      scorer_wrapper=generic))
+                                                      scorer_factory=generic))
     scorer = cp.LayerScorer(model, layer, data, progress=False)
     first = scorer.score()
     batch, _ = best_batch(model, x[:1000])

@@ -21,8 +21,16 @@ def resnet20() -> nn.Module:
     return cp.models.load_checkpoint(cp.models.resnet_cifar(20), DATA / "models" / "resnet20-12fca82f.th")
 
 
+def resnet32() -> nn.Module:
+    return cp.models.load_checkpoint(cp.models.resnet_cifar(32), DATA / "models" / "resnet32-d509ac18.th")
+
+
 def cifar_test() -> cp.data.ImageArrayDataset:
     return cp.data.cifar10(DATA / "cifar10-jpeg.tar.gz", "test")
+
+
+def cifar_train() -> cp.data.ImageArrayDataset:
+    return cp.data.cifar10(DATA / "cifar10-jpeg.tar.gz", "train")
 
 
 def naive_counts(model: nn.Module, cut_module: str, filters, x: torch.Tensor, y: torch.Tensor,

@@ -14,13 +14,24 @@ import argparse
 import torch
 
 import carprune as cp
+from carprune.callbacks import Event
+
+
+class _EpochLines:
+    """Prints a line per training epoch (only when the model is not cached yet)."""
+
+    def on_event(self, event: Event) -> None:
+        print(event.message, flush=True)
+
+    def should_stop(self) -> bool:
+        return False
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--data", default="../shared/data/mnist_5k.npz")
     args = ap.parse_args()
-    model = cp.models.pretrained_angle_cnn(args.data, progress=True)
+    model = cp.models.pretrained_angle_cnn(args.data, callbacks=_EpochLines())
     test = cp.data.rotated_mnist5k(args.data, "test")
     x, y = test.batch(slice(None))
     with torch.no_grad():

@@ -499,6 +499,71 @@ def test_resume_refuses_a_checkpoint_of_other_weights(tmp_path, lenet, lenet_wei
     assert cli.main(args(lenet_weights)) == 0   # the original settings still resume
 
 
+def test_a_stop_request_exits_75_at_a_step_and_the_rerun_resumes(compressed, tmp_path, lenet_weights,
+                                                                 mnist_npz, capsys):
+    """The flag a SIGTERM sets, read through the run layer's callbacks: compress stops after its
+    first step, score after its first layer; run.json says so; the same command resumes."""
+    out = tmp_path / "c"
+    args = ["compress", *lenet_args(lenet_weights, mnist_npz, out, "--layer", "conv2",
+                                    "--num-images", "300", "--keep", "46")]
+    preempt.request_stop("SIGTERM")
+    assert cli.main(args) == cli.EXIT_PREEMPTED
+    run = json.loads((out / "run.json").read_text())
+    assert run["state"] == "preempted" and run["exit_code"] == 75
+    assert run["message"] == ("stopped by SIGTERM after step 1 of conv2; the checkpoint is complete, "
+                              "run the same command again to resume")
+    assert len(json.loads((out / "checkpoint.json").read_text())["trajectory"]) == 2
+    assert not (out / "result.json").exists()
+    preempt.clear()
+    assert cli.main(args) == 0
+    got, ref = (json.loads((d / "result.json").read_text()) for d in (out, compressed))
+    strip = lambda t: [{k: v for k, v in s.items() if k != "seconds"} for s in t]
+    assert got["removed"] == ref["removed"] and strip(got["trajectory"]) == strip(ref["trajectory"])
+    capsys.readouterr()
+    s_out = tmp_path / "s"
+    s_args = ["score", *lenet_args(lenet_weights, mnist_npz, s_out, "--layer", "all",
+                                   "--num-images", "100")]
+    preempt.request_stop("SIGINT")
+    assert cli.main(s_args) == cli.EXIT_PREEMPTED
+    assert "stopped by SIGINT after scoring conv1 (1 of 2 layers done)" in capsys.readouterr().err
+    assert (s_out / "conv1" / "scores.json").is_file() and not (s_out / "conv2").exists()
+    mtime = (s_out / "conv1" / "scores.npz").stat().st_mtime_ns
+    preempt.clear()
+    assert cli.main(s_args) == 0
+    assert (s_out / "conv1" / "scores.npz").stat().st_mtime_ns == mtime   # not scored again
+    assert sorted(json.loads((s_out / "scores.json").read_text())["layers"]) == ["conv1", "conv2"]
+
+
+# -- the command line as a package ---------------------------------------------------------------
+def test_every_command_is_a_module_with_typed_frozen_settings():
+    import dataclasses
+    import importlib
+
+    for name, options in cli.command_options().items():
+        module = importlib.import_module(f"carprune.commands.{name.replace('-', '_')}")
+        assert (name, module.run, module.HELP) == (module.NAME, cli.COMMANDS[name], cli.HELP[name])
+        assert Path(module.__file__).parent == ROOT / "python" / "carprune" / "commands"
+        fields = [f.name for f in dataclasses.fields(module.Settings)]
+        assert module.Settings.__dataclass_params__.frozen, name
+        assert sorted(fields) == sorted(o.name for o in options), name
+    # scores.json records the settings in the order of the options, as before
+    from carprune.commands import score
+
+    assert [f.name for f in dataclasses.fields(score.Settings)] == [o.name for o in score.options()]
+    assert sorted(cli.DISTRIBUTED) == sorted(cli.CHECKPOINTED) == ["compress", "score"]
+
+
+def test_settings_are_checked_on_entry(tmp_path, capsys):
+    # a check of the typed settings fails before any model or data is read
+    code = cli.main(["compress", "--model", "no-such-model", "--data", "/nonexistent", "--out",
+                     str(tmp_path / "o"), "--layer", "conv1", "--finetune-iters", "5"])
+    err = capsys.readouterr().err
+    assert code == cli.EXIT_USAGE and "--finetune-iters needs training images" in err
+    code = cli.main(["kse-compress", "--model", "no-such-model", "--out", str(tmp_path / "k"),
+                     "--finetune-iters", "-1"])
+    assert code == cli.EXIT_USAGE and "--finetune-iters must be >= 0, got -1" in capsys.readouterr().err
+
+
 # -- examples ------------------------------------------------------------------------------------
 @pytest.mark.parametrize("cfg", sorted((ROOT / "examples" / "configs").glob("*.toml")), ids=lambda p: p.name)
 def test_example_configs_are_valid_for_every_command_they_configure(cfg, capsys):

@@ -150,3 +150,17 @@ def test_linear_neurons(lenet):
     assert torch.allclose(criteria.filter_importance(lenet, "fc1", "mean_in"), w1.abs().mean(1))
     assert torch.allclose(criteria.filter_importance(lenet, "fc1", "mean_out"), w2.abs().mean(0))
     assert criteria.filter_importance(lenet, "fc1", "random").shape == (500,)
+
+
+def test_criteria_take_the_layer_analysis(resnet20, lenet):
+    """One `graph.LayerAnalysis` serves every criterion: the same scores as from (model, layer),
+    its readers are the consumers written out above, and a mismatched layer is refused."""
+    for model, layer, readers in ((resnet20, "conv1", STEM_READERS), (lenet, "conv2", ["fc1"])):
+        a = graph.analyze(model, layer)
+        assert [r.module for r in a.readers] == readers
+        assert [o.consumer for o in criteria.outgoing_weights(a)] == readers
+        for crit in ("mean_in", "l1", "mean_out", "kse"):
+            assert torch.equal(criteria.filter_importance(a, None, crit),
+                               criteria.filter_importance(model, layer, crit))
+    with pytest.raises(ValueError, match=r"analysis is of layer 'conv2', not 'conv1'"):
+        criteria.filter_importance(a, "conv1", "l1")

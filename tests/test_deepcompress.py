@@ -407,14 +407,17 @@ def test_pruned_weights_stay_zero_through_finetuning(resnet20, cifar_small):
 
 def test_one_finetune_step_sums_cluster_gradients(resnet20, cifar_small):
     train, _ = cifar_small
-    loader = DataLoader(train, batch_size=32, shuffle=False)
+    # a DataLoader is read through its dataset (its own batch size and order do not matter):
+    # with batch_size 32 over 32 images, the one step sees all of them
+    loader = DataLoader(train.subset(np.arange(32)), batch_size=5, shuffle=True)
     kw = dict(layers=["layer3.2.conv1", "linear"], prune=0.5, bits={"conv": 4, "linear": 3})
     before = dc.deep_compress(resnet20, **kw)
-    after = dc.deep_compress(resnet20, loader, finetune_iters=(0, 1), lr=0.5, momentum=0.0, **kw)
+    after = dc.deep_compress(resnet20, loader, finetune_iters=(0, 1), lr=0.5, momentum=0.0,
+                             batch_size=32, **kw)
     # reference gradient on the quantised model, computed outside the library
     m = before.model
     m.eval()
-    x, y = next(iter(loader))
+    x, y = train.batch(np.arange(32))
     m.zero_grad()
     F.cross_entropy(m(x), y).backward()
     for name in ["layer3.2.conv1", "linear"]:
@@ -507,11 +510,28 @@ def _runs(calls):
 def test_progress_reports_every_phase(lenet, mnist_test, capsys):
     train = cp.data.mnist5k(DATA / "mnist_5k.npz", "train").sample(256, seed=0)
     test = mnist_test.sample(200, seed=0)
-    calls = []
+    calls, events = [], []
+
+    class Events:
+        def on_event(self, e):
+            events.append(e)
+
+        def should_stop(self):
+            return False
+
     capsys.readouterr()
     out = dc.deep_compress(lenet, train, test, finetune_iters=(6, 4), lr=0.01, kmeans_iters=20,
-                           warn_drop=None, on_progress=lambda *a: calls.append(a))
-    assert capsys.readouterr().err == ""      # the callback reports; the algorithm draws nothing
+                           warn_drop=None, on_progress=lambda *a: calls.append(a),
+                           callbacks=Events())
+    assert capsys.readouterr() == ("", "")    # the callbacks report; the algorithm prints nothing
+    # callbacks: an event per accuracy measured and per training epoch (256 images, batches of
+    # 64: 4 steps an epoch, so 6 retraining steps are two epochs, 4 tuning steps one)
+    assert [(e.data["phase"], e.step) for e in events] == [
+        ("evaluate", 1), ("evaluate", 2), ("retrain", 1), ("retrain", 2), ("evaluate", 3),
+        ("evaluate", 4), ("fine-tune shared values", 1), ("evaluate", 5)]
+    assert all(e.algorithm == "deep-compress" for e in events)
+    assert {e.data["stage"]: e.data["accuracy"] for e in events if e.data["phase"] == "evaluate"} \
+        == out.report.accuracy
     runs = _runs(calls)
     assert [p for p, _ in runs] == ["evaluate", "prune", "evaluate", "retrain", "evaluate",
                                     "quantise", "evaluate", "fine-tune shared values",
@@ -546,7 +566,7 @@ def test_accuracy_drop_is_warned_and_recorded(lenet, mnist_test, tmp_path):
     logger.addHandler(handler)
     try:
         out = dc.deep_compress(lenet, None, test, prune={"conv": 0.9, "linear": 0.99},
-                               kmeans_iters=20, progress=False)
+                               kmeans_iters=20)
     finally:
         logger.removeHandler(handler)
     acc = out.report.accuracy
@@ -572,10 +592,10 @@ def test_accuracy_drop_is_warned_and_recorded(lenet, mnist_test, tmp_path):
     # a threshold above the drop, or none, warns nothing
     drop = acc["original"] - min(v for v in acc.values() if v is not None)
     calm = dc.deep_compress(lenet, None, test, prune={"conv": 0.9, "linear": 0.99},
-                            kmeans_iters=20, warn_drop=drop + 0.01, progress=False)
+                            kmeans_iters=20, warn_drop=drop + 0.01)
     assert calm.report.warnings == []
-    assert dc.deep_compress(lenet, None, None, kmeans_iters=5, warn_drop=None,
-                            progress=False).report.warnings == []
+    assert dc.deep_compress(lenet, None, None, kmeans_iters=5,
+                            warn_drop=None).report.warnings == []
     with pytest.raises(ValueError, match=r"warn_drop .* got 2"):
         dc.deep_compress(lenet, warn_drop=2)
 
@@ -632,41 +652,136 @@ def test_cli_shows_phases_in_logs_and_bars(lenet, mnist_test, tmp_path, capsys):
 
 
 def test_readme_route_loads_a_car_pruned_cpz(resnet20, cifar_test, tmp_path):
-    """README, Deep Compression: a .cpz holds tensors, not the structure; a CAR-pruned network's
-    file loads into the pruned architecture rebuilt from the saved CompressionResult (or from
-    the removed filters with prune_filters)."""
+    """README, Deep Compression: the .cpz of a CAR-pruned network records the filters each
+    layer keeps, so it loads from the original architecture alone (or into the pruned one)."""
     layer = "layer3.2.conv1"
     score, hold = cifar_test.sample(400, seed=2).split(0.5, seed=0)
     res = cp.compress_layer(resnet20, layer, score, eval_data=hold, keep=60, progress=False)
     assert len(res.removed) == 4
     res.save(tmp_path / "l3")
-    out = cp.deep_compress(res.model, layers=[layer, "layer3.2.conv2"], finetune_iters=0,
-                           progress=False)
+    out = cp.deep_compress(res.model, layers=[layer, "layer3.2.conv2"], finetune_iters=0)
     cp.save_compressed(out, tmp_path / "net.cpz")
     x, _ = hold.batch(np.arange(64))
     with torch.no_grad():
         want = out.model.eval()(x)
-    # the README's route: rebuild the pruned architecture from the saved result, then load
+    # the README's route: the original architecture
+    fresh = cp.models.resnet_cifar(20)
+    net = cp.load_compressed(tmp_path / "net.cpz", fresh)
+    assert cp.surgery.kept_channels(fresh) == {}          # the argument itself is not pruned
+    assert net.get_submodule(layer).out_channels == 60
+    assert cp.surgery.kept_channels(net) == {layer: res.kept}
+    # the pruned architecture (rebuilt from the saved result) is filled in place
     arch = cp.CompressionResult.load(tmp_path / "l3", cp.models.resnet_cifar(20)).model
-    net = cp.load_compressed(tmp_path / "net.cpz", arch)
-    # the other route: the removed filters alone
-    arch2 = cp.prune_filters(cp.models.resnet_cifar(20), layer, res.removed)
-    net2 = cp.load_compressed(tmp_path / "net.cpz", arch2)
+    assert cp.load_compressed(tmp_path / "net.cpz", arch) is arch
     with torch.no_grad():
         assert torch.equal(net.eval()(x), want)
-        assert torch.equal(net2.eval()(x), want)
-    assert net.get_submodule(layer).out_channels == 60
-    # the unpruned architecture does not fit, and the message names the tensor
-    with pytest.raises(ValueError, match=r"layer3\.2\.conv1\.weight has shape \(64, 64, 3, 3\)"):
-        cp.load_compressed(tmp_path / "net.cpz", cp.models.resnet_cifar(20))
+        assert torch.equal(arch.eval()(x), want)
+    # a network pruned otherwise is refused, naming both structures
+    other = cp.prune_filters(cp.models.resnet_cifar(20), "layer2.0.conv1", [0])
+    with pytest.raises(ValueError, match=r"pruned differently.*layer2\.0\.conv1.*layer3\.2\.conv1"):
+        cp.load_compressed(tmp_path / "net.cpz", other)
+
+
+def _rewrite_header(data: bytes, version: int, edit) -> bytes:
+    """`data` (a .cpz image) with preamble version `version` and the header JSON passed
+    through `edit`, its frame checksum recomputed: an older or altered writer's file."""
+    import zlib
+
+    fr = frames(data)
+    name, start, payload, end = fr[0]
+    assert name == "header"
+    head = json.loads(data[payload:end - 4])
+    head = edit(head)
+    body = json.dumps(head).encode()
+    frame = struct.pack("<H", 6) + b"header" + struct.pack("<Q", len(body)) + body
+    return (MAGIC + struct.pack("<H", version) + frame + struct.pack("<I", zlib.crc32(frame))
+            + data[end:])
+
+
+def test_cpz_rebuilds_narrowed_and_scattered_layers_from_the_original(resnet20, cifar_test,
+                                                                      tmp_path):
+    """A network CAR-pruned in a narrowed layer (layer3.2.conv1, twice, as greedy steps do) and
+    a scattered one (layer1.0.conv2 feeds a residual add), deep-compressed with a little
+    retraining: the .cpz alone rebuilds it from a fresh original architecture, and its outputs
+    equal the decoded model's exactly, in float32 and float64."""
+    pruned = cp.prune_filters(resnet20, "layer3.2.conv1", [3, 17, 40])
+    pruned = cp.prune_filters(pruned, "layer3.2.conv1", [0])          # original filter 0
+    pruned = cp.prune_filters(pruned, "layer1.0.conv2", [2, 9])
+    assert isinstance(pruned.layer1[0].conv2, cp.surgery.ScatteredConv2d)
+    kept = cp.surgery.kept_channels(pruned)
+    assert kept["layer3.2.conv1"] == [i for i in range(64) if i not in (0, 3, 17, 40)]
+    train = cifar_test.sample(96, seed=4)
+    out = dc.deep_compress(pruned, train, layers=["layer1.0.conv2", "layer3.2.conv1",
+                                                   "layer3.2.conv2", "linear"],
+                           finetune_iters=(2, 1), batch_size=32, kmeans_iters=20)
+    assert out.compressed.structure == cp.surgery.pruned_structure(pruned)
+    assert out.compressed.structure["layers"] == {
+        n: {"kept": k, "filters": 64 if n.startswith("layer3") else 16} for n, k in kept.items()}
+    path = tmp_path / "car.cpz"
+    out.save(path)
+    assert struct.unpack_from("<H", path.read_bytes(), 4)[0] == FORMAT_VERSION == 2
+    net = dc.load_compressed(path, cp.models.resnet_cifar(20))
+    assert cp.surgery.kept_channels(net) == kept
+    assert isinstance(net.layer1[0].conv2, cp.surgery.ScatteredConv2d)
+    assert net.layer3[2].conv1.out_channels == 60 and net.layer3[2].conv2.in_channels == 60
+    x, _ = cifar_test.subset(np.arange(5000, 5064)).batch(slice(None))
+    with torch.no_grad():
+        assert torch.equal(net.eval()(x), out.model.eval()(x))
+        want = copy.deepcopy(out.model).double()(x.double())
+        got = copy.deepcopy(net).double()(x.double())
+    assert torch.equal(got, want)
+    # the decoded weights are the quantised ones, not the CAR-pruned originals
+    assert not torch.equal(net.layer3[2].conv1.weight, pruned.layer3[2].conv1.weight)
+
+    # an architecture without the pruned modules is named, with the file
+    with pytest.raises(ValueError, match=r"car\.cpz.*names module\(s\) \['layer1\.0\.conv2'"):
+        dc.load_compressed(path, cp.models.lenet5())
+    # a malformed structure is a corrupt header
+    def unordered(h):
+        h["structure"]["layers"]["layer1.0.conv2"]["kept"] = [5, 2]
+        return h
+
+    with pytest.raises(dc.CorruptFileError, match=r"section 'header'.*increasing"):
+        dc.CompressedModel.from_bytes(_rewrite_header(path.read_bytes(), 2, unordered))
+
+
+def test_version_1_files_still_load_and_newer_ones_are_named(resnet20, tmp_path):
+    """A version 1 file (no structure recorded) of a pruned network loads into the pruned
+    architecture as before; into the original one the error says the version lacks the
+    structure. A version this carprune does not know is named."""
+    pruned = cp.prune_filters(resnet20, "layer3.2.conv1", [1, 2])
+    out = dc.deep_compress(pruned, layers=["layer3.2.conv1"], kmeans_iters=10)
+
+    def drop(h):
+        h = dict(h, version=1)
+        del h["structure"]
+        return h
+
+    v1 = _rewrite_header(out.compressed.to_bytes(), 1, drop)
+    (tmp_path / "v1.cpz").write_bytes(v1)
+    cm = dc.read_compressed(tmp_path / "v1.cpz")
+    assert cm.version == 1 and cm.structure is None
+    net = dc.load_compressed(tmp_path / "v1.cpz", cp.prune_filters(cp.models.resnet_cifar(20),
+                                                                   "layer3.2.conv1", [1, 2]))
+    assert torch.equal(net.layer3[2].conv1.weight, out.model.layer3[2].conv1.weight)
+    with pytest.raises(ValueError, match=r"a version 1 file records no pruned structure"):
+        dc.load_compressed(tmp_path / "v1.cpz", cp.models.resnet_cifar(20))
+    v3 = bytearray(out.compressed.to_bytes())
+    v3[4:6] = struct.pack("<H", 3)
+    with pytest.raises(dc.CorruptFileError, match=r"unsupported format version 3 .*versions 1, 2"):
+        dc.CompressedModel.from_bytes(bytes(v3))
 
 
 def test_a_numpy_pair_is_taken_as_evaluation_and_training_data(lenet, mnist_test):
-    from carprune.deepcompress.pipeline import _loader
-
-    x, y = mnist_test.batch(np.arange(64))
-    ref = [b for b in _loader(mnist_test.subset(np.arange(64)), 16, shuffle=False, seed=0)]
-    got = [b for b in _loader((x.numpy(), y.numpy()), 16, shuffle=False, seed=0)]
-    assert len(got) == len(ref) == 4
-    for (gx, gy), (rx, ry) in zip(got, ref, strict=True):
-        assert torch.equal(gx, rx) and torch.equal(gy.long(), ry.long())
+    """One data path: (images, labels) numpy arrays give the same Deep Compression, retraining
+    included, as the dataset they came from."""
+    train = cp.data.mnist5k(DATA / "mnist_5k.npz", "train").sample(100, seed=0)
+    test = mnist_test.sample(100, seed=0)
+    xs, ys = train.batch(np.arange(100))
+    xt, yt = test.batch(np.arange(100))
+    kw = dict(finetune_iters=(3, 2), lr=0.01, batch_size=32, kmeans_iters=10, warn_drop=None)
+    ref = dc.deep_compress(lenet, train, test, **kw)
+    got = dc.deep_compress(lenet, (xs.numpy(), ys.numpy()), (xt.numpy(), yt.numpy()), **kw)
+    assert got.report.accuracy == ref.report.accuracy
+    for k, v in ref.model.state_dict().items():
+        assert torch.equal(got.model.state_dict()[k], v), k

@@ -23,6 +23,7 @@ import torch.multiprocessing as mp
 
 import carprune as cp
 from carprune import cli, distributed, preempt, specs
+from carprune.logging_utils import RunCallbacks
 
 ROOT = Path(__file__).resolve().parents[1]
 DATA = ROOT.parent / "shared" / "data"
@@ -48,13 +49,17 @@ def test_shard_is_contiguous_balanced_and_complete(n, world):
     assert max(sizes) - min(sizes) <= 1 and sizes == sorted(sizes, reverse=True)
 
 
-def test_single_process_wrapper_is_transparent(lenet, mnist_test):
+def test_single_process_sharded_scorer_is_a_layer_scorer(lenet, mnist_test):
     scorer = cp.LayerScorer(lenet, "conv2", mnist_test, num_images=100, progress=False)
-    wrapped = distributed.DistributedScorer(scorer)
-    a, b = wrapped.score([3, 1, 4]), scorer.score([3, 1, 4])
+    sharded = distributed.ShardedScorer(lenet, "conv2", mnist_test, num_images=100, progress=False)
+    a, b = sharded.score([3, 1, 4]), scorer.score([3, 1, 4])
     assert torch.equal(a.counts, b.counts) and a.filters.tolist() == [3, 1, 4]
-    wrapped.remove([1])
-    assert scorer.removed == [1] and wrapped.alive == scorer.alive and wrapped.num_filters == 50
+    sharded.remove([1])
+    scorer.remove([1])
+    assert sharded.removed == [1] and sharded.alive == scorer.alive and sharded.num_filters == 50
+    assert torch.equal(sharded.score().counts, scorer.score().counts)
+    with pytest.raises(ValueError, match="already removed"):
+        sharded.score([1])
 
 
 def test_torchrun_score_equals_one_process(tmp_path, resnet20, cifar_test):
@@ -151,15 +156,30 @@ def _worker(rank: int, init: str, results: str) -> None:
         out["stop"] = distributed.sync_stop(ctx)
         out["reason"] = preempt.reason()
         distributed.clear_stop()
+        # the run layer's callbacks ask the same question: both ranks stop, or neither
+        callbacks = RunCallbacks("none", ctx=ctx, preemptible=True)
+        out["callbacks_quiet"] = callbacks.should_stop()
+        if rank == 0:
+            distributed._pending_name[:] = ["SIGTERM"]
+            distributed._pending.set()
+        out["callbacks_stop"] = callbacks.should_stop()
+        distributed.clear_stop()
         # ranks scoring different images must fail loudly, not merge inconsistent counts
         data = specs.load_data(MNIST, mean=[0], std=[1])
         model = cp.models.pretrained_lenet5(MNIST)
-        scorer = cp.LayerScorer(model, "conv1", data, num_images=50 + 50 * rank, progress=False)
+        scorer = distributed.ShardedScorer(model, "conv1", data, ctx=ctx, num_images=50 + 50 * rank,
+                                           progress=False)
         try:
-            distributed.DistributedScorer(scorer, ctx).score()
+            scorer.score()
             out["mismatch"] = None
         except RuntimeError as exc:
             out["mismatch"] = str(exc)
+        # equal data: the gathered scores equal one process's, on every rank
+        full = cp.LayerScorer(model, "conv1", data, num_images=60, progress=False).score()
+        got = distributed.ShardedScorer(model, "conv1", data, ctx=ctx, num_images=60,
+                                        progress=False).score()
+        out["sharded_equal"] = (torch.equal(got.counts, full.counts)
+                                and got.filters.tolist() == full.filters.tolist())
         Path(results, f"{rank}.json").write_text(json.dumps(out))
     finally:
         dist.destroy_process_group()
@@ -171,7 +191,9 @@ def test_stop_agreement_and_base_count_check_across_ranks(tmp_path, lenet):
     res = [json.loads((tmp_path / f"{r}.json").read_text()) for r in range(2)]
     for r in res:
         assert r["active"] and r["quiet"] is False and r["stop"] is True
+        assert r["callbacks_quiet"] is False and r["callbacks_stop"] is True
         assert "different images or models" in r["mismatch"]
+        assert r["sharded_equal"] is True
     assert res[0]["reason"] == "a signal to another rank" and res[1]["reason"] == "SIGTERM"
 
 
@@ -193,3 +215,121 @@ def test_torchrun_float_metric_equals_one_process(tmp_path, resnet20, cifar_test
     doc = json.loads((out / "scores.json").read_text())
     assert doc["metric"] == "nll" and "car" not in doc
     assert doc["importance"] == pytest.approx(ref.importance.tolist())
+
+
+# -- whole-network compression: unit scoring sharded across ranks --------------------------------
+@pytest.mark.parametrize("weights, world, owner", [
+    ([5, 3, 3, 2, 1], 2, [0, 1, 1, 0, 1]),   # heaviest first to the least loaded: 7 + 7
+    ([1, 1, 1], 5, [0, 1, 2]),               # more ranks than units: some score nothing
+    ([4, 4], 1, [0, 0]),
+])
+def test_assign_units_balances_the_work(weights, world, owner):
+    assert distributed.assign_units(weights, world) == owner
+
+
+# two residual-stream units (masked tails), a plain filter unit (fused) and one at the head
+RESNET_UNITS = ["layer2.0.conv2", "layer2.2.conv1", "layer3.0.conv2", "layer3.2.conv1"]
+
+
+def _car_worker(rank: int, init: str, results: str) -> None:
+    os.environ.update(WORLD_SIZE="2", RANK=str(rank), LOCAL_RANK=str(rank))
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=init, rank=rank, world_size=2)
+    try:
+        ctx = distributed.init_from_env("cpu")
+        mnist = cp.data.mnist5k(MNIST, "test")
+        lenet = cp.models.pretrained_lenet5(MNIST)
+        resnet = cp.models.load_checkpoint(cp.models.resnet_cifar(20), RESNET20)
+        cifar = cp.data.cifar10(CIFAR, "test")
+        out: dict[str, object] = {}
+        for key, model, data, units, n in (
+                ("lenet", lenet, mnist, ["conv1", "conv2", "fc1"], 100),
+                ("resnet", resnet, cifar, RESNET_UNITS, 16)):
+            x, _ = cp.data.batches.load_batch(data, [0])
+            an = cp.prunable_units(model, x)
+            imp = distributed.ShardedCAR(data, ctx=ctx, num_images=n)
+            values = imp(model, an, units)
+            out[key] = {
+                "order": list(imp.last), "values": {u: v.tolist() for u, v in values.items()},
+                "scores": {u: {"layer": s.layer, "filters": s.filters.tolist(),
+                               "counts": s.counts.tolist(), "base": s.base_counts.tolist(),
+                               "totals": s.class_totals.tolist(), "classes": s.classes,
+                               "metric": s.metric} for u, s in imp.last.items()},
+                "pairs": {c.unit: [c.pairs, c.pairs_run, c.tail_macs, c.run_macs]
+                          for c in imp.last_cost.units},
+                "base_value": imp.base_value()}
+        # a whole greedy run with the sharded criterion
+        res = cp.compress_global(lenet, "all", mnist, flops_target=0.9, score_images=100,
+                                 criterion=distributed.ShardedCAR(mnist, ctx=ctx, num_images=100))
+        out["global"] = {"removed": res.removed, "trajectory": res.to_dict()["trajectory"]}
+        Path(results, f"car{rank}.json").write_text(json.dumps(out))
+    finally:
+        dist.destroy_process_group()
+
+
+def test_sharded_car_equals_one_process(tmp_path, lenet, mnist_test, resnet20, cifar_test):
+    """Two gloo ranks, each scoring its share of the units: every rank gets every unit's sums,
+    exactly those one process computes (LeNet: all units; ResNet-20: `RESNET_UNITS`), and a
+    global run with the sharded criterion makes the same choices with the same figures."""
+    init = f"file://{tempfile.mkdtemp(dir=tmp_path)}/rendezvous"
+    mp.start_processes(_car_worker, args=(init, str(tmp_path)), nprocs=2, join=True,
+                       start_method="spawn")
+    got = [json.loads((tmp_path / f"car{r}.json").read_text()) for r in range(2)]
+    for key, model, data, units, n in (
+            ("lenet", lenet, mnist_test, ["conv1", "conv2", "fc1"], 100),
+            ("resnet", resnet20, cifar_test, RESNET_UNITS, 16)):
+        ref = cp.score_units(model, data, units, num_images=n)
+        for g in got:
+            one = g[key]
+            assert one["order"] == units
+            for u in units:
+                s, r = one["scores"][u], ref[u]
+                assert s["layer"] == r.layer and s["filters"] == r.filters.tolist()
+                assert s["counts"] == r.counts.tolist() and s["base"] == r.base_counts.tolist()
+                assert s["totals"] == r.class_totals.tolist() and s["classes"] == r.classes
+                assert s["metric"] == r.metric
+                assert one["values"][u] == r.importance.to(torch.float64).tolist()
+            assert one["pairs"] == {c.unit: [c.pairs, c.pairs_run, c.tail_macs, c.run_macs]
+                                    for c in ref.cost.units}
+            assert one["base_value"] == ref[units[0]].base_value
+        # the comparison is not vacuous: some removal changes some prediction
+        assert any((ref[u].counts.sum(1) != ref[u].base_counts.sum()).any() for u in units)
+    # both ranks scored units (the work was split), as `assign_units` decides
+    x, _ = cp.data.batches.load_batch(cifar_test, [0])
+    an = cp.prunable_units(resnet20, x)
+    owners = distributed.assign_units(distributed.unit_weights(an, RESNET_UNITS), 2)
+    assert sorted(set(owners)) == [0, 1]
+    ref = cp.compress_global(lenet, "all", mnist_test, flops_target=0.9, score_images=100)
+    strip = lambda t: [{k: v for k, v in r.items() if k not in ("seconds", "score_seconds",
+                                                                "tail_seconds")} for r in t]
+    for g in got:
+        assert g["global"]["removed"] == ref.removed
+        assert strip(g["global"]["trajectory"]) == strip(json.loads(json.dumps(
+            ref.to_dict()["trajectory"])))
+
+
+def test_torchrun_whole_network_compress_equals_one_process(tmp_path, lenet_files):
+    args = lambda out: ["compress", "--model", "lenet5", "--weights", str(lenet_files), "--data",
+                        str(MNIST), "--mean", "0", "--std", "1", "--layer", "all",
+                        "--flops-target", "0.9", "--num-images", "100", "--out", str(out),
+                        "--progress", "log"]
+    one = tmp_path / "one"
+    saved = {s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        assert cli.main(args(one)) == 0
+    finally:
+        for s, h in saved.items():
+            signal.signal(s, h)
+        preempt.clear()
+    two = tmp_path / "two"
+    p = torchrun(*args(two))
+    assert p.returncode == 0, p.stderr[-3000:]
+    assert "scoring across 2 ranks" in p.stderr
+    assert p.stdout.count("global car: ") == 1             # rank 0 alone prints the summary
+    got, ref = (json.loads((d / "result.json").read_text()) for d in (two, one))
+    strip = lambda t: [{k: v for k, v in r.items() if k not in ("seconds", "score_seconds",
+                                                                "tail_seconds")} for r in t]
+    assert got["removed"] == ref["removed"] and strip(got["trajectory"]) == strip(ref["trajectory"])
+    a, b = torch.load(two / "model" / "weights.pt"), torch.load(one / "model" / "weights.pt")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in b)
+    assert json.loads((two / "run.json").read_text())["world_size"] == 2

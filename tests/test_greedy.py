@@ -9,7 +9,7 @@ import pytest
 import torch
 
 import carprune as cp
-from carprune import greedy, preempt
+from carprune import greedy
 
 
 def masked_accuracy(model, cut_module, zeroed, x, y):
@@ -71,33 +71,29 @@ def test_greedy_car_matches_reference_loop(lenet, lenet_split):
     assert res.model.conv1.out_channels == 14 and res.model.conv2.in_channels == 14
 
 
-def test_resume_after_preemption_gives_identical_result(tmp_path, lenet, lenet_split):
+class _Killed(Exception):
+    """Stands for a process killed in the middle of a step."""
+
+
+def test_resume_after_a_kill_gives_identical_result(tmp_path, lenet, lenet_split):
     score, hold = lenet_split
     kw = dict(eval_data=hold, keep=42, progress=False)
     full = cp.compress_layer(lenet, "conv2", score, **kw)
     calls = {"n": 0}
 
-    def stop_after_three(scorer):
-        orig = scorer.score
-
-        def score(filters=None):
+    class DiesInStepThree(cp.LayerScorer):   # the scorer_factory seam: any LayerScorer
+        def score(self, filters=None):
             calls["n"] += 1
-            if calls["n"] == 7:  # inside the third step
-                preempt.request_stop("test")
-            return orig(filters)
-
-        scorer.score = score
-        return scorer
+            if calls["n"] == 7:  # inside the third step, before its checkpoint
+                raise _Killed
+            return super().score(filters)
 
     ckpt = tmp_path / "run.ckpt"
-    try:
-        with pytest.raises(preempt.Preempted, match="resume"):
-            cp.compress_layer(lenet, "conv2", score, checkpoint=ckpt,
-                              scorer_wrapper=stop_after_three, **kw)
-    finally:
-        preempt.clear()
+    with pytest.raises(_Killed):
+        cp.compress_layer(lenet, "conv2", score, checkpoint=ckpt, scorer_factory=DiesInStepThree,
+                          **kw)
     state = cp.io.read_json(ckpt)
-    assert 1 <= len(state["trajectory"]) - 1 < 8
+    assert 1 <= len(state["trajectory"]) - 1 < 3
     resumed = cp.compress_layer(lenet, "conv2", score, checkpoint=ckpt, **kw)
     assert resumed.removed == full.removed
     accs = [s.score_accuracy for s in full.trajectory]
@@ -132,6 +128,16 @@ def test_max_drop_stops_at_the_floor(lenet, lenet_split):
     assert final.holdout_accuracy >= 0.98 * base
     nxt = [s for s in res.trajectory if s.step == final.step + 1]
     assert not nxt or nxt[0].holdout_accuracy < 0.98 * base or nxt[0].kept == 1
+    # the result names that step, and measures it on the hold-out split
+    assert res.final_step is final and final.accuracy == final.holdout_accuracy
+    assert final.accuracy_on == "hold-out"
+    if nxt:
+        assert res.trajectory[-1] is nxt[0] and res.final_step is not res.trajectory[-1]
+    # without hold-out data, the scoring split is what is measured
+    alone = cp.compress_layer(lenet, "conv1", score, keep=18, progress=False)
+    assert all(s.accuracy == s.score_accuracy and s.accuracy_on == "scoring"
+               for s in alone.trajectory)
+    assert alone.final_step is alone.trajectory[-1] and alone.final_step.kept == 18
 
 
 def test_save_load_rebuilds_the_model(tmp_path, lenet, lenet_split):
@@ -159,35 +165,6 @@ def test_lazy_mode_valid_and_errors(lenet, lenet_split):
     with pytest.raises(ValueError, match="lazy re-scoring applies to the 'car' criterion"):
         cp.compress_layer(lenet, "conv2", score, criterion="l1", lazy=True)
     assert greedy.CRITERIA[0] == "car"
-
-
-def test_global_mode_picks_lowest_car_per_flop(lenet, lenet_split):
-    from carprune.global_mode import compress_global, compress_layers
-
-    score, hold = lenet_split
-    x, y = score.batch(slice(None))
-    res = compress_global(lenet, ["conv1", "conv2"], score, eval_data=hold, flops_target=0.9,
-                          progress=False)
-    # first pick, written independently: CAR by masked forwards, FLOPs saved by hand
-    # (conv1 filter: its 24x24x5x5 MACs + conv2's 8x8x50x5x5 on that input channel;
-    #  conv2 filter: its 8x8x20x5x5 MACs + fc1's 4x4 inputs x 500 outputs)
-    base = masked_accuracy(lenet, "pool1", [], x, y)
-    saved = {"conv1": 24 * 24 * 25 + 8 * 8 * 50 * 25, "conv2": 8 * 8 * 20 * 25 + 16 * 500}
-    cands = []
-    for layer, cut, n in (("conv1", "pool1", 20), ("conv2", "pool2", 50)):
-        for f in range(n):
-            car = base - masked_accuracy(lenet, cut, [f], x, y)
-            cands.append((car / saved[layer], ["conv1", "conv2"].index(layer), f, layer))
-    first = min(cands)
-    assert (res.trajectory[0].layer, res.trajectory[0].removed) == (first[3], first[2])
-    assert res.trajectory[0].flops_saved == saved[first[3]]
-    assert res.trajectory[-1].flops <= 0.9 * res.base_flops < res.trajectory[-2].flops
-    xh, yh = hold.batch(slice(None))
-    with torch.no_grad():
-        acc = (res.model(xh).argmax(1) == yh).double().mean().item()
-    assert acc == pytest.approx(res.trajectory[-1].holdout_accuracy)
-    seq = compress_layers(lenet, ["conv1", "conv2"], score, keep=0.5, progress=False)
-    assert seq[1].model.conv1.out_channels == 10 and seq[1].model.conv2.out_channels == 25
 
 
 # -- other metrics and linear layers ---------------------------------------------------------------
@@ -289,3 +266,38 @@ def test_greedy_rar_stops_within_the_error_ceiling():
     with pytest.raises(ValueError, match="fine-tuning trains with cross-entropy"):
         cp.compress_layer(model, "conv2", score, metric="mae", keep=30,
                           finetune=cp.FineTune(train_data=score, iters=1))
+
+
+# -- each step's cost is analytic and equals count_cost of the physically pruned network ------------
+# LeNet: conv -> conv, conv -> flatten -> linear, linear -> linear (narrow); ResNet-20: the stem
+# and a block's conv2 (scatter: they feed the residual stream) and block conv1s (narrow)
+@pytest.mark.parametrize("net, data, layers, scatter", [
+    ("lenet", "mnist_test", ["conv1", "conv2", "fc1"], set()),
+    ("resnet20", "cifar_test", ["conv1", "layer1.0.conv1", "layer2.0.conv1", "layer2.0.conv2",
+                                "layer3.2.conv2"], {"conv1", "layer2.0.conv2", "layer3.2.conv2"}),
+])
+def test_step_costs_equal_count_cost_of_the_pruned_network(request, monkeypatch, net, data, layers,
+                                                           scatter):
+    model, ds = request.getfixturevalue(net), request.getfixturevalue(data)
+    score = ds.sample(32, seed=0)
+    shape = tuple(score.batch([0])[0].shape[1:])
+    counted, pruned = [], []
+    real_count, real_prune = greedy.count_cost, cp.surgery.prune_filters
+    monkeypatch.setattr(greedy, "count_cost", lambda *a: counted.append(a) or real_count(*a))
+    monkeypatch.setattr(cp.surgery, "prune_filters", lambda *a: pruned.append(a) or real_prune(*a))
+    for layer in layers:
+        n = cp.graph.num_units(dict(model.named_modules())[layer])
+        counted.clear()
+        pruned.clear()
+        res = cp.compress_layer(model, layer, score, criterion="l1", keep=n - 5, filters_per_step=2,
+                                progress=False)
+        # one measurement (step 0) and one surgery (the result's model), however many steps
+        assert len(res.trajectory) == 4 and len(counted) == 1 and len(pruned) == 1, layer
+        assert cp.graph.analyze(model, layer).narrow == (layer not in scatter)
+        for i, step in enumerate(res.trajectory):
+            removed = [f for s in res.trajectory[1:i + 1] for f in s.removed]
+            rep = real_count(real_prune(model, layer, removed) if removed else model, shape)
+            assert (step.flops, step.params, step.layer_flops, step.layer_bytes) == (
+                rep.total_flops, rep.total_params, rep.layer(layer).flops,
+                rep.layer(layer).bytes), (layer, i)
+        assert res.trajectory[-1].flops < res.trajectory[0].flops

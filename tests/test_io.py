@@ -1,10 +1,15 @@
-"""Atomic writes: the final file appears whole or not at all, with the permissions of open()."""
+"""Atomic writes: the final file appears whole or not at all, with the permissions of open();
+directories replaced whole (a reader finds the old or the new one, never a mixture), a
+directory's files updated with its completion marker last; run fingerprints and the one resume
+check (`same_run`)."""
 
 import os
 import stat
+from pathlib import Path
 
 import pytest
 
+from carprune import io as cio
 from carprune.io import atomic_write, read_json, write_json
 
 
@@ -37,3 +42,144 @@ def test_read_json_names_truncated_file(tmp_path):
         read_json(tmp_path / "r.json", "checkpoint")
     with pytest.raises(FileNotFoundError, match="checkpoint not found"):
         read_json(tmp_path / "missing.json", "checkpoint")
+
+
+# -- directories -----------------------------------------------------------------------------------
+def _tree(d):
+    return {str(p.relative_to(d)): p.read_text() for p in sorted(d.rglob("*")) if p.is_file()}
+
+
+@pytest.mark.parametrize("exchange", [True, False], ids=["renameat2", "aside"])
+def test_replace_path_swaps_a_directory_whole(tmp_path, monkeypatch, exchange):
+    if not exchange:
+        monkeypatch.setattr(cio, "_exchange", lambda a, b: False)
+    dst, src = tmp_path / "model", tmp_path / "new"
+    dst.mkdir()
+    (dst / "weights.pt").write_text("old")
+    (dst / "only-old.json").write_text("{}")
+    src.mkdir()
+    (src / "weights.pt").write_text("new")
+    (src / "sub").mkdir()
+    (src / "sub" / "x").write_text("y")
+    cio.replace_path(src, dst)
+    assert _tree(dst) == {"weights.pt": "new", "sub/x": "y"}     # nothing of the old tree left
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["model"]  # no aside copy, no src
+    # a file, and a missing destination, are plain renames
+    (tmp_path / "f").write_text("1")
+    (tmp_path / "g").write_text("2")
+    cio.replace_path(tmp_path / "f", tmp_path / "g")
+    assert (tmp_path / "g").read_text() == "1" and not (tmp_path / "f").exists()
+    cio.replace_path(tmp_path / "g", tmp_path / "h")
+    assert (tmp_path / "h").read_text() == "1"
+
+
+def test_replace_path_never_leaves_the_directory_missing(tmp_path):
+    """With renameat2's exchange a reader polling the directory always finds a whole one: the
+    old or the new, never none (the fallback cannot promise that; this asserts the exchange)."""
+    import threading
+
+    probe = tmp_path / "probe"
+    probe.mkdir()
+    (tmp_path / "probe2").mkdir()
+    if not cio._exchange(probe, tmp_path / "probe2"):
+        pytest.skip("renameat2(RENAME_EXCHANGE) is not available on this system/file system; "
+                    "replace_path falls back to rename-aside there (tested above)")
+    dst = tmp_path / "d"
+    dst.mkdir()
+    (dst / "v").write_text("0")
+    seen, stop = [], threading.Event()
+
+    def reader():
+        while not stop.is_set():
+            try:
+                seen.append((dst / "v").read_text())
+            except FileNotFoundError:
+                seen.append(None)
+
+    th = threading.Thread(target=reader)
+    th.start()
+    try:
+        for i in range(1, 200):
+            src = tmp_path / f"n{i}"
+            src.mkdir()
+            (src / "v").write_text(str(i))
+            cio.replace_path(src, dst)
+    finally:
+        stop.set()
+        th.join()
+    assert (dst / "v").read_text() == "199"
+    assert None not in seen and len(seen) > 0
+    assert [int(v) for v in seen] == sorted(int(v) for v in seen)   # never back to an older one
+
+
+def test_update_directory_puts_the_marker_last_and_cleans_up(tmp_path):
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "result.json").write_text('{"old": 1}')
+    (out / "model").mkdir()
+    (out / "model" / "weights.pt").write_text("old")
+    (out / "run.json").write_text("{}")             # not the writer's: left alone
+    order = []
+    real = cio.replace_path
+
+    def spy(src, dst):
+        order.append(Path(dst).name)
+        assert not (out / "result.json").exists()   # the old marker goes before anything changes
+        real(src, dst)
+
+    def write(tmp):
+        (tmp / "model").mkdir()
+        (tmp / "model" / "weights.pt").write_text("new")
+        write_json(tmp / "result.json", {"new": 1})
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(cio, "replace_path", spy)
+        cio.update_directory(out, write, last="result.json")
+    assert order == ["model"]
+    assert read_json(out / "result.json") == {"new": 1}
+    assert _tree(out) == {"model/weights.pt": "new", "result.json": '{\n  "new": 1\n}',
+                          "run.json": "{}"}
+
+    def fails(tmp):
+        (tmp / "model").mkdir()
+        raise RuntimeError("killed while writing")
+
+    with pytest.raises(RuntimeError):
+        cio.update_directory(out, fails, last="result.json")
+    assert _tree(out)["model/weights.pt"] == "new" and read_json(out / "result.json") == {"new": 1}
+    assert not [p for p in out.iterdir() if p.name.startswith(".")]   # no temporary left
+    with pytest.raises(FileNotFoundError, match="produced no result.json"):
+        cio.update_directory(out, lambda tmp: None, last="result.json")
+    assert read_json(out / "result.json") == {"new": 1}
+
+
+# -- run identity ----------------------------------------------------------------------------------
+def test_fingerprint_ignores_key_order_and_list_kind():
+    a = cio.fingerprint({"mean": [0.5, 0.25], "seed": 0, "weights": None})
+    assert a == cio.fingerprint({"weights": None, "seed": 0, "mean": (0.5, 0.25)})
+    assert a != cio.fingerprint({"mean": [0.5, 0.25], "seed": 1, "weights": None})
+    assert len(a) == 16 and int(a, 16) >= 0
+
+
+def test_file_identity_changes_with_the_file(tmp_path):
+    f = tmp_path / "w.pt"
+    assert cio.file_identity(None) is None and cio.file_identity(f) == str(f)
+    f.write_bytes(b"abc")
+    first = cio.file_identity(f)
+    assert first[0] == str(f.resolve()) and first[1] == 3
+    os.utime(f, ns=(first[2] + 10**9, first[2] + 10**9))
+    assert cio.file_identity(f) != first
+
+
+def test_same_run(tmp_path):
+    rec = tmp_path / "checkpoint.json"
+    assert cio.same_run(rec, "abc") is None                      # nothing to resume
+    write_json(rec, {"fingerprint": "abc", "trajectory": []})
+    assert cio.same_run(rec, "abc") is True
+    assert cio.same_run(rec, "abd") is False
+    write_json(rec, {"trajectory": []})
+    assert cio.same_run(rec, "abc") is False                     # no fingerprint: not ours
+    rec.write_text('{"fingerprint": "abc", "traj')               # torn by a crash
+    assert cio.same_run(rec, "abc") is None
+    with pytest.raises(ValueError, match=r"checkpoint .*checkpoint\.json is not valid JSON"):
+        cio.same_run(rec, "abc", "checkpoint", strict=True)

@@ -367,8 +367,8 @@ def test_greedy_global_and_interpret_take_the_metric(lenet, mnist_test):
     from carprune.global_mode import compress_global
 
     g = compress_global(lenet, ["conv1", "conv2"], data, flops_target=0.97, metric="nll",
-                        progress=False)
-    first = g.trajectory[0]
-    s1 = cp.score_layer(lenet, first.layer, data, metric="nll", progress=False)
-    assert first.car == pytest.approx(float(s1.importance[first.removed]))
+                        per_round=1)
+    first = g.trajectory[0].removed[0]
+    s1 = cp.score_layer(lenet, first.unit, data, metric="nll", progress=False)
+    assert first.importance == pytest.approx(float(s1.importance[first.channel]))
     assert g.config["metric"] == "nll" and g.base_score_accuracy == pytest.approx(s.base_value)

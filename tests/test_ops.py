@@ -1,4 +1,9 @@
-"""The native ops against plain PyTorch references, on random and real inputs."""
+"""The native ops against plain PyTorch references, on random and real inputs, on every device.
+
+Each op test runs on the CPU and on CUDA; without a CUDA device the CUDA cases are collected and
+skipped ("no CUDA device"). A CUDA device with an extension built without CUDA kernels fails them.
+The references always run on the CPU in float64.
+"""
 
 from __future__ import annotations
 
@@ -10,16 +15,37 @@ import torch.nn.functional as F
 
 import carprune as cp
 
+DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(),
+                                                                reason="no CUDA device"))]
+
+
+def _on(name: str) -> torch.device:
+    """The torch device `name`; a CUDA device without the extension's CUDA kernels is an error."""
+    if name == "cuda" and not cp._ops.WITH_CUDA:
+        pytest.fail("a CUDA device is present but carprune's extension was built without CUDA "
+                    "kernels: build it against a CUDA torch (scripts/env.sh with CARPRUNE_TORCH=cuda)")
+    return torch.device(name)
+
+
+@pytest.fixture(params=DEVICES)
+def device(request) -> torch.device:
+    return _on(request.param)
+
+
+def _to(dev: torch.device, *tensors):
+    return tuple(None if t is None else t.to(dev) for t in tensors)
+
 
 def reference_ablate(a, w, bias, scale, shift, channels, stride, padding, dilation, relu):
     """Per ablation: zero input channel s, run the full conv, then affine and ReLU (float64)."""
+    a, w, bias, scale, shift = (None if t is None else t.cpu().double()
+                                for t in (a, w, bias, scale, shift))
     outs = []
     for s in channels.tolist():
-        a_s = a.double().clone()
+        a_s = a.clone()
         a_s[:, s] = 0
-        z = F.conv2d(a_s, w.double(), None if bias is None else bias.double(), stride, padding,
-                     dilation)
-        v = z * scale.double().view(1, -1, 1, 1) + shift.double().view(1, -1, 1, 1)
+        z = F.conv2d(a_s, w, bias, stride, padding, dilation)
+        v = z * scale.view(1, -1, 1, 1) + shift.view(1, -1, 1, 1)
         outs.append(v.clamp_min(0) if relu else v)
     return torch.stack(outs)
 
@@ -37,7 +63,7 @@ CASES = [
 
 @pytest.mark.parametrize("case", CASES)
 @pytest.mark.parametrize("relu", [False, True])
-def test_ablate_conv_matches_masked_conv(case, relu):
+def test_ablate_conv_matches_masked_conv(case, relu, device):
     B, C, Fo, H, W, k, stride, padding, dilation = case
     g = torch.Generator().manual_seed(hash(case) % 2**31)
     a = torch.randn(B, C, H, W, generator=g, dtype=torch.float64)
@@ -47,30 +73,33 @@ def test_ablate_conv_matches_masked_conv(case, relu):
     shift = torch.randn(Fo, generator=g, dtype=torch.float64)
     channels = torch.tensor([C - 1, 0, C // 2, 0], dtype=torch.int64)
     z = F.conv2d(a, w, bias, stride, padding, dilation)
-    out = cp.ablate_conv(a, w, z, scale, shift, channels, stride, padding, dilation, relu)
     ref = reference_ablate(a, w, bias, scale, shift, channels, stride, padding, dilation, relu)
-    assert out.shape == ref.shape
-    torch.testing.assert_close(out, ref, rtol=1e-10, atol=1e-10)
+    a, w, z, scale, shift, channels = _to(device, a, w, z, scale, shift, channels)
+    out = cp.ablate_conv(a, w, z, scale, shift, channels, stride, padding, dilation, relu)
+    assert out.device.type == device.type and out.shape == ref.shape
+    torch.testing.assert_close(out.cpu(), ref, rtol=1e-10, atol=1e-10)
     # float32 agrees to rounding
     out32 = cp.ablate_conv(a.float(), w.float(), z.float(), scale.float(), shift.float(),
                            channels, stride, padding, dilation, relu)
-    torch.testing.assert_close(out32.double(), ref, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(out32.double().cpu(), ref, rtol=1e-4, atol=1e-4)
 
 
-def test_ablate_conv_noncontiguous_inputs():
+def test_ablate_conv_noncontiguous_inputs(device):
     g = torch.Generator().manual_seed(1)
-    a = torch.randn(6, 4, 10, 10, generator=g, dtype=torch.float64)[::2].transpose(2, 3)
-    w = torch.randn(3, 4, 3, 3, generator=g, dtype=torch.float64).transpose(2, 3)
+    # made on the device, then sliced: .to() would make a non-dense tensor contiguous
+    a = torch.randn(6, 4, 10, 10, generator=g, dtype=torch.float64).to(device)[::2].transpose(2, 3)
+    w = torch.randn(3, 4, 3, 3, generator=g, dtype=torch.float64).to(device).transpose(2, 3)
     assert not a.is_contiguous() and not w.is_contiguous()
     z = F.conv2d(a, w, None, 1, 1)
-    scale, shift = torch.ones(3, dtype=torch.float64)[::1], torch.zeros(6, dtype=torch.float64)[::2]
-    ch = torch.arange(4, dtype=torch.int64).flip(0)
+    scale = torch.ones(3, dtype=torch.float64, device=device)[::1]
+    shift = torch.zeros(6, dtype=torch.float64, device=device)[::2]
+    ch = torch.arange(4, dtype=torch.int64, device=device).flip(0)
     out = cp.ablate_conv(a, w, z, scale, shift, ch, (1, 1), (1, 1), (1, 1), True)
     ref = reference_ablate(a, w, None, scale, shift, ch, 1, 1, 1, True)
-    torch.testing.assert_close(out, ref, rtol=1e-10, atol=1e-10)
+    torch.testing.assert_close(out.cpu(), ref, rtol=1e-10, atol=1e-10)
 
 
-def test_ablate_conv_on_real_resnet_layer(resnet20, cifar_test):
+def test_ablate_conv_on_real_resnet_layer(resnet20, cifar_test, device):
     """layer3.2: the real activations after relu1, consumer conv2 with bn2 folded."""
     x, _ = cifar_test.batch(list(range(0, 10000, 1000)))
     blk = resnet20.layer3[2]
@@ -86,17 +115,17 @@ def test_ablate_conv_on_real_resnet_layer(resnet20, cifar_test):
     w = blk.conv2.weight.detach().double()
     z = F.conv2d(a, w, None, 1, 1)
     ch = torch.tensor([0, 7, 63, 31], dtype=torch.int64)
-    out = cp.ablate_conv(a, w, z, scale, shift, ch, (1, 1), (1, 1), (1, 1), False)
     ref = reference_ablate(a, w, None, scale, shift, ch, 1, 1, 1, False)
-    torch.testing.assert_close(out, ref, rtol=1e-9, atol=1e-9)
+    out = cp.ablate_conv(*_to(device, a, w, z, scale, shift, ch), (1, 1), (1, 1), (1, 1), False)
+    torch.testing.assert_close(out.cpu(), ref, rtol=1e-9, atol=1e-9)
 
 
-def test_ablate_conv_opcheck():
+def test_ablate_conv_opcheck(device):
     a = torch.randn(2, 3, 6, 6)
     w = torch.randn(4, 3, 3, 3)
     z = F.conv2d(a, w, None, 2, 1)
-    args = (a, w, z, torch.ones(4), torch.zeros(4), torch.tensor([0, 2]), [2, 2], [1, 1], [1, 1],
-            True)
+    args = (*_to(device, a, w, z, torch.ones(4), torch.zeros(4), torch.tensor([0, 2])), [2, 2],
+            [1, 1], [1, 1], True)
     torch.library.opcheck(torch.ops.carprune.ablate_conv.default, args)
 
 
@@ -107,26 +136,42 @@ def test_ablate_conv_opcheck():
     (lambda a, w, z: (a.int(), w, z), "float32 or float64"),
     (lambda a, w, z: (a, w, z[:, :, :2]), "`z` must be"),
 ])
-def test_ablate_conv_errors(bad, match):
-    a, w = torch.randn(2, 3, 6, 6), torch.randn(4, 3, 3, 3)
+def test_ablate_conv_errors(bad, match, device):
+    a, w = _to(device, torch.randn(2, 3, 6, 6), torch.randn(4, 3, 3, 3))
     z = F.conv2d(a, w, None, 1, 1)
     a2, w2, z2 = bad(a, w, z)
     with pytest.raises(RuntimeError, match=match):
-        cp.ablate_conv(a2, w2, z2, torch.ones(4), torch.zeros(4), torch.tensor([0]), (1, 1),
-                       (1, 1), (1, 1), False)
+        cp.ablate_conv(a2, w2, z2, *_to(device, torch.ones(4), torch.zeros(4), torch.tensor([0])),
+                       (1, 1), (1, 1), (1, 1), False)
 
 
-def test_ablate_conv_channel_out_of_range():
-    a, w = torch.randn(2, 3, 6, 6), torch.randn(4, 3, 3, 3)
+def test_ablate_conv_channel_out_of_range(device):
+    a, w = _to(device, torch.randn(2, 3, 6, 6), torch.randn(4, 3, 3, 3))
     z = F.conv2d(a, w, None, 1, 1)
     with pytest.raises(RuntimeError, match="channel indices must lie in \\[0, 3\\)"):
-        cp.ablate_conv(a, w, z, torch.ones(4), torch.zeros(4), torch.tensor([3]), (1, 1), (1, 1),
-                       (1, 1), False)
+        cp.ablate_conv(a, w, z, *_to(device, torch.ones(4), torch.zeros(4), torch.tensor([3])),
+                       (1, 1), (1, 1), (1, 1), False)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
+@pytest.mark.parametrize("on_cuda", ["a", "shift"])
+def test_ablate_conv_device_mismatch(on_cuda):
+    """Every tensor must be on the activations' device; the message names the argument. (Needs two
+    real devices: a meta tensor beside a CPU one reaches the fake kernel, which checks nothing.)"""
+    cuda, cpu = _on("cuda"), torch.device("cpu")
+    dev_a, dev_shift = (cuda, cpu) if on_cuda == "a" else (cpu, cuda)
+    a, w = _to(dev_a, torch.randn(2, 3, 6, 6), torch.randn(4, 3, 3, 3))
+    z = F.conv2d(a, w, None, 1, 1)
+    with pytest.raises(RuntimeError, match=f"`shift` is on {dev_shift.type}.* but the activations "
+                                           f"are on {dev_a.type}"):
+        cp.ablate_conv(a, w, z, torch.ones(4, device=dev_a), torch.zeros(4, device=dev_shift),
+                       torch.tensor([0], device=dev_a), (1, 1), (1, 1), (1, 1), False)
 
 
 def reference_counts(logits, labels, topk):
     """Top-k membership by sorting with torch's stable order: ties keep the lower index first,
     which is how torch.argmax breaks them."""
+    logits, labels = logits.cpu(), labels.cpu()
     m, B, K = logits.shape
     counts = torch.zeros(m, K, dtype=torch.int64)
     for j in range(m):
@@ -138,37 +183,38 @@ def reference_counts(logits, labels, topk):
 
 
 @pytest.mark.parametrize("topk", [1, 2, 5])
-def test_class_correct_counts_random_with_ties(topk):
+def test_class_correct_counts_random_with_ties(topk, device):
     g = torch.Generator().manual_seed(topk)
     logits = torch.randint(0, 4, (5, 37, 10), generator=g).float()  # many ties
     labels = torch.randint(0, 10, (37,), generator=g)
-    out = cp.class_correct_counts(logits, labels, topk)
-    torch.testing.assert_close(out, reference_counts(logits, labels, topk))
+    out = cp.class_correct_counts(*_to(device, logits, labels), topk)
+    assert out.device.type == device.type and out.dtype == torch.int64
+    torch.testing.assert_close(out.cpu(), reference_counts(logits, labels, topk))
     if topk == 1:
         hits = logits.argmax(2) == labels
         for j in range(5):
-            assert out[j].sum() == hits[j].sum()
+            assert out[j].sum().item() == hits[j].sum().item()
 
 
-def test_class_correct_counts_real_logits(resnet20, cifar_test):
+def test_class_correct_counts_real_logits(resnet20, cifar_test, device):
     x, y = cifar_test.sample(300, seed=3).batch(slice(None))
     with torch.no_grad():
         logits = resnet20(x).view(3, 100, 10)
-    out = cp.class_correct_counts(logits, y.view(3, 100)[0].clone(), 1)
+    out = cp.class_correct_counts(*_to(device, logits, y.view(3, 100)[0].clone()), 1)
     ref = torch.stack([torch.bincount(y[:100][logits[j].argmax(1) == y[:100]], minlength=10)
                        for j in range(3)])
-    torch.testing.assert_close(out, ref)
-    out64 = cp.class_correct_counts(logits.double(), y[:100].clone(), 5)
-    torch.testing.assert_close(out64, reference_counts(logits, y[:100], 5))
+    torch.testing.assert_close(out.cpu(), ref)
+    out64 = cp.class_correct_counts(*_to(device, logits.double(), y[:100].clone()), 5)
+    torch.testing.assert_close(out64.cpu(), reference_counts(logits, y[:100], 5))
 
 
-def test_class_correct_counts_opcheck_and_errors():
-    logits, labels = torch.randn(3, 8, 4), torch.randint(0, 4, (8,))
+def test_class_correct_counts_opcheck_and_errors(device):
+    logits, labels = _to(device, torch.randn(3, 8, 4), torch.randint(0, 4, (8,)))
     torch.library.opcheck(torch.ops.carprune.class_correct_counts.default, (logits, labels, 1))
     with pytest.raises(RuntimeError, match="labels must lie in \\[0, 4\\)"):
-        cp.class_correct_counts(logits, torch.full((8,), 4), 1)
+        cp.class_correct_counts(logits, torch.full((8,), 4, device=device), 1)
     with pytest.raises(RuntimeError, match="labels must lie in"):
-        cp.class_correct_counts(logits, torch.full((8,), -1), 1)
+        cp.class_correct_counts(logits, torch.full((8,), -1, device=device), 1)
     with pytest.raises(RuntimeError, match="must be \\[m, B, K\\]"):
         cp.class_correct_counts(logits[0], labels, 1)
     with pytest.raises(RuntimeError, match="`labels` must be \\[8\\]"):
@@ -181,22 +227,24 @@ def test_class_correct_counts_opcheck_and_errors():
 def reference_head(a, w, z_bias, scale, shift, channels, stride, padding, dilation, relu, residual,
                    relu_after, fc_w, fc_b):
     """Per ablation: zero input channel s (none for -1), the full conv, affine, ReLU, + residual,
-    ReLU, mean over positions, linear; everything in float64."""
+    ReLU, mean over positions, linear; everything in float64 on the CPU."""
+    a, w, z_bias, scale, shift, residual, fc_w, fc_b = (
+        None if t is None else t.cpu().double()
+        for t in (a, w, z_bias, scale, shift, residual, fc_w, fc_b))
     outs = []
     for s in channels.tolist():
-        a_s = a.double().clone()
+        a_s = a.clone()
         if s >= 0:
             a_s[:, s] = 0
-        v = F.conv2d(a_s, w.double(), None if z_bias is None else z_bias.double(), stride, padding,
-                     dilation)
-        v = v * scale.double().view(1, -1, 1, 1) + shift.double().view(1, -1, 1, 1)
+        v = F.conv2d(a_s, w, z_bias, stride, padding, dilation)
+        v = v * scale.view(1, -1, 1, 1) + shift.view(1, -1, 1, 1)
         if relu:
             v = v.clamp_min(0)
         if residual is not None:
-            v = v + residual.double()
+            v = v + residual
         if relu_after:
             v = v.clamp_min(0)
-        outs.append(F.linear(v.mean((2, 3)), fc_w.double(), None if fc_b is None else fc_b.double()))
+        outs.append(F.linear(v.mean((2, 3)), fc_w, fc_b))
     return torch.stack(outs)
 
 
@@ -236,13 +284,21 @@ HEAD_CASES = CASES[:5] + [
 ]
 
 
+# every CPU instruction set the kernel dispatches to here, and CUDA (which has no ISA choice)
+DEVICE_ISAS = [("cpu", isa) for isa in _isas()] + [
+    pytest.param("cuda", None, marks=pytest.mark.skipif(not torch.cuda.is_available(),
+                                                        reason="no CUDA device"))]
+
+
 @pytest.mark.parametrize("case", HEAD_CASES)
-@pytest.mark.parametrize("isa", _isas())
-def test_ablate_conv_head_matches_masked_reference(case, isa, monkeypatch):
-    monkeypatch.setenv("CARPRUNE_CPU_ISA", isa)
-    a, w, bias, z, scale, shift, res, fc_w, fc_b = _head_inputs(case, hash(case) % 2**31)
+@pytest.mark.parametrize("device_name, isa", DEVICE_ISAS)
+def test_ablate_conv_head_matches_masked_reference(case, device_name, isa, monkeypatch):
+    device = _on(device_name)
+    if isa is not None:
+        monkeypatch.setenv("CARPRUNE_CPU_ISA", isa)
+    a, w, bias, z, scale, shift, res, fc_w, fc_b = _to(device, *_head_inputs(case, hash(case) % 2**31))
     C = a.shape[1]
-    channels = torch.tensor([C - 1, -1, 0, C // 2, 0], dtype=torch.int64)
+    channels = torch.tensor([C - 1, -1, 0, C // 2, 0], dtype=torch.int64, device=device)
     for relu, with_res, relu_after, with_bias in [(False, True, True, True),
                                                   (False, False, False, True),
                                                   (True, False, False, False),
@@ -256,20 +312,20 @@ def test_ablate_conv_head_matches_masked_reference(case, isa, monkeypatch):
         out = cp.ablate_conv_head(*args)
         ref = reference_head(a, w, bias, scale, shift, channels, *case[6:], relu, r, relu_after,
                              fc_w, b)
-        assert out.shape == ref.shape == (5, a.shape[0], 7)
-        torch.testing.assert_close(out, ref, rtol=1e-10, atol=1e-10)
+        assert out.device.type == device.type and out.shape == ref.shape == (5, a.shape[0], 7)
+        torch.testing.assert_close(out.cpu(), ref, rtol=1e-10, atol=1e-10)
         # channel -1 is the unablated network, and an all-zero plane changes nothing
         assert torch.equal(out[3], out[1])
         out32 = cp.ablate_conv_head(*[t.float() if isinstance(t, torch.Tensor) and
                                       t.is_floating_point() else t for t in args])
-        torch.testing.assert_close(out32.double(), ref, rtol=1e-4, atol=1e-4)
+        torch.testing.assert_close(out32.double().cpu(), ref, rtol=1e-4, atol=1e-4)
 
 
-def test_ablate_conv_head_is_ablate_conv_then_the_ending():
+def test_ablate_conv_head_is_ablate_conv_then_the_ending(device):
     """The op equals the existing ablate_conv followed by the ending in torch ops."""
     case = (3, 6, 16, 8, 8, (3, 3), (1, 1), (1, 1), (1, 1))
-    a, w, _, z, scale, shift, res, fc_w, fc_b = _head_inputs(case, 3)
-    ch = torch.arange(6)
+    a, w, _, z, scale, shift, res, fc_w, fc_b = _to(device, *_head_inputs(case, 3))
+    ch = torch.arange(6, device=device)
     v = cp.ablate_conv(a, w, z, scale, shift, ch, (1, 1), (1, 1), (1, 1), False)
     ref = F.linear((v + res).clamp_min(0).mean((3, 4)), fc_w, fc_b)
     out = cp.ablate_conv_head(a, w, z, scale, shift, ch, (1, 1), (1, 1), (1, 1), False, res, True,
@@ -277,7 +333,7 @@ def test_ablate_conv_head_is_ablate_conv_then_the_ending():
     torch.testing.assert_close(out, ref, rtol=1e-11, atol=1e-11)
 
 
-def test_ablate_conv_head_on_real_resnet_ending(resnet20, cifar_test):
+def test_ablate_conv_head_on_real_resnet_ending(resnet20, cifar_test, device):
     """ResNet-20 layer3.2: real activations after relu1, consumer conv2 + bn2, the block input as
     the residual, relu2, pool and the trained linear layer; against the masked full network."""
     x, y = cifar_test.batch(list(range(0, 10000, 500)))
@@ -297,19 +353,21 @@ def test_ablate_conv_head_on_real_resnet_ending(resnet20, cifar_test):
     fc_w, fc_b = resnet20.linear.weight.detach().double(), resnet20.linear.bias.detach().double()
     z = F.conv2d(a, w, None, 1, 1)
     ch = torch.tensor([-1, 0, 7, 63, 31], dtype=torch.int64)
-    out = cp.ablate_conv_head(a, w, z, scale, shift, ch, (1, 1), (1, 1), (1, 1), False, res, True,
-                              fc_w, fc_b)
     ref = reference_head(a, w, None, scale, shift, ch, 1, 1, 1, False, res, True, fc_w, fc_b)
+    a, w, z, scale, shift, ch, res, fc_w, fc_b = _to(device, a, w, z, scale, shift, ch, res, fc_w,
+                                                     fc_b)
+    out = cp.ablate_conv_head(a, w, z, scale, shift, ch, (1, 1), (1, 1), (1, 1), False, res, True,
+                              fc_w, fc_b).cpu()
     torch.testing.assert_close(out, ref, rtol=1e-9, atol=1e-9)
     torch.testing.assert_close(out[0].float(), full.float(), rtol=1e-4, atol=1e-4)
 
 
-def test_ablate_conv_head_independent_of_split_and_threads():
+def test_ablate_conv_head_independent_of_split_and_threads(device):
     """Each (ablation, image) is computed alone: any split of images or channels over calls and
-    any thread count give bit-identical logits."""
+    any CPU thread count give bit-identical logits (CUDA: no atomics, fixed-order reductions)."""
     case = (23, 16, 64, 8, 8, (3, 3), (1, 1), (1, 1), (1, 1))
-    a, w, _, z, scale, shift, res, fc_w, fc_b = _head_inputs(case, 5, dtype=torch.float32)
-    ch = torch.tensor([-1, *range(16)], dtype=torch.int64)
+    a, w, _, z, scale, shift, res, fc_w, fc_b = _to(device, *_head_inputs(case, 5, dtype=torch.float32))
+    ch = torch.tensor([-1, *range(16)], dtype=torch.int64, device=device)
 
     def run(a_, z_, r_, c_):
         return cp.ablate_conv_head(a_, w, z_, scale, shift, c_, (1, 1), (1, 1), (1, 1), False, r_,
@@ -331,7 +389,7 @@ def test_ablate_conv_head_independent_of_split_and_threads():
         assert torch.equal(whole, other)
 
 
-def test_ablate_conv_head_propagates_nan():
+def test_ablate_conv_head_propagates_nan(device):
     """A NaN activation makes every output of its image NaN (as in the masked network, where it
     reaches the logits unless its own channel is removed; here z already holds it), and leaves
     the other images alone."""
@@ -340,20 +398,21 @@ def test_ablate_conv_head_propagates_nan():
     a[1, 2, 3, 3] = float("nan")
     z = F.conv2d(a, w, None, 1, 1)
     ch = torch.tensor([-1, 0, 2], dtype=torch.int64)
-    out = cp.ablate_conv_head(a, w, z, scale, shift, ch, (1, 1), (1, 1), (1, 1), False, res, True,
-                              fc_w, fc_b)
     ref = reference_head(a, w, None, scale, shift, ch, 1, 1, 1, False, res, True, fc_w, fc_b)
+    out = cp.ablate_conv_head(*_to(device, a, w, z, scale, shift, ch), (1, 1), (1, 1), (1, 1), False,
+                              *_to(device, res), True, *_to(device, fc_w, fc_b)).cpu()
     assert out[:, 1].isnan().all() and ref[:2, 1].isnan().all()
     torch.testing.assert_close(out[:, 0], ref[:, 0], rtol=1e-10, atol=1e-10)
 
 
-def test_ablate_conv_head_opcheck():
+def test_ablate_conv_head_opcheck(device):
     a = torch.randn(2, 3, 6, 6).clamp_min(0)
     w = torch.randn(4, 3, 3, 3)
     z = F.conv2d(a, w, None, 2, 1)
     for res, bias in ((torch.randn(z.shape), torch.randn(5)), (None, None)):
-        args = (a, w, z, torch.ones(4), torch.zeros(4), torch.tensor([0, -1, 2]), [2, 2], [1, 1],
-                [1, 1], False, res, True, torch.randn(5, 4), bias)
+        args = (*_to(device, a, w, z, torch.ones(4), torch.zeros(4), torch.tensor([0, -1, 2])),
+                [2, 2], [1, 1], [1, 1], False, *_to(device, res), True,
+                *_to(device, torch.randn(5, 4), bias))
         torch.library.opcheck(torch.ops.carprune.ablate_conv_head.default, args)
 
 
@@ -367,11 +426,12 @@ def test_ablate_conv_head_opcheck():
     (dict(channels=torch.tensor([3])), "channel indices must lie in \\[-1, 3\\)"),
     (dict(a=torch.zeros(2, 3, 6, 6, dtype=torch.float64)), "`weight` is Float but the activations"),
 ])
-def test_ablate_conv_head_errors(change, match):
+def test_ablate_conv_head_errors(change, match, device):
     a, w = torch.randn(2, 3, 6, 6), torch.randn(4, 3, 3, 3)
     kw = dict(a=a, weight=w, z=F.conv2d(a, w, None, 1, 1), scale=torch.ones(4), shift=torch.zeros(4),
               channels=torch.tensor([0]), residual=None, fc_weight=torch.zeros(5, 4), fc_bias=None)
     kw.update(change)
+    kw = {k: None if t is None else t.to(device) for k, t in kw.items()}
     with pytest.raises(RuntimeError, match=match):
         cp.ablate_conv_head(kw["a"], kw["weight"], kw["z"], kw["scale"], kw["shift"],
                             kw["channels"], (1, 1), (1, 1), (1, 1), False, kw["residual"], True,
@@ -379,6 +439,7 @@ def test_ablate_conv_head_errors(change, match):
 
 
 def test_ablate_conv_head_isa_override_checked(monkeypatch):
+    """CPU only: CARPRUNE_CPU_ISA chooses among the CPU kernels; the CUDA kernel has no such choice."""
     a, w = torch.randn(1, 2, 4, 4), torch.randn(3, 2, 3, 3)
     args = (a, w, F.conv2d(a, w, None, 1, 1), torch.ones(3), torch.zeros(3), torch.tensor([0]),
             (1, 1), (1, 1), (1, 1), False, None, False, torch.zeros(2, 3), None)

@@ -301,9 +301,18 @@ def test_save_load_roundtrip(resnet20, cifar_test, tmp_path):
     files = sorted(f.name for f in (tmp_path / "m").iterdir())
     assert files == ["structure.json", "weights.pt"]  # no temp files left behind
     structure = json.loads((tmp_path / "m" / "structure.json").read_text())
-    assert structure["format"] == surgery.STRUCTURE_FORMAT and structure["version"] == 1
-    assert structure["layers"]["layer3.2.conv1"] == {
-        "kept": [i for i in range(64) if i not in (0, 3, 6, 7)], "filters": 64}
+    assert structure["format"] == surgery.STRUCTURE_FORMAT and structure["version"] == 2
+    kept = [i for i in range(64) if i not in (0, 3, 6, 7)]
+    assert structure["layers"]["layer3.2.conv1"] == {"kept": kept, "filters": 64}
+    # every narrowed module records its kept original inputs and outputs
+    assert structure["modules"]["layer3.2.conv1"] == {
+        "kind": "conv", "type": "Conv2d", "in": list(range(64)), "in_width": 64, "out": kept,
+        "out_width": 64}
+    assert structure["modules"]["layer3.2.bn1"]["out"] == kept
+    assert structure["modules"]["layer3.2.conv2"]["in"] == kept
+    assert structure["modules"]["layer1.0.conv2"]["kept"] == [0, *range(2, 16)]
+    assert structure["modules"]["layer1.0.conv2"]["out"] == list(range(16))
+    assert "layer1.0.bn2" not in structure["modules"]   # scattered: its BN keeps full width
     # plain tensors only: loads without unpickling code
     state = torch.load(tmp_path / "m" / "weights.pt", weights_only=True)
     assert state["layer1.0.conv2.out_index"].tolist() == [0, *range(2, 16)]
@@ -322,6 +331,20 @@ def test_save_load_roundtrip(resnet20, cifar_test, tmp_path):
     r2 = surgery.load_pruned(tmp_path / "m2", arch)
     assert surgery.kept_channels(r2)["layer3.2.conv1"][0] == 2
     assert torch.equal(run(r2.eval(), x), run(r, x))
+
+
+def test_load_version_1_structure(resnet20, cifar_test, tmp_path):
+    """A structure.json of version 1 (layers only) is rebuilt by re-applying the per-layer surgery."""
+    p = _pruned_resnet(resnet20)
+    d = tmp_path / "v1"
+    surgery.save_pruned(p, d)
+    s = json.loads((d / "structure.json").read_text())
+    (d / "structure.json").write_text(json.dumps(
+        {"format": s["format"], "version": 1, "layers": s["layers"]}))
+    q = surgery.load_pruned(d, cp.models.resnet_cifar(20))
+    assert surgery.kept_channels(q) == surgery.kept_channels(p)
+    x, _ = cifar_test.sample(16, seed=6).batch(slice(None))
+    assert torch.equal(run(q.eval(), x), run(p, x))
 
 
 def test_load_errors_name_the_problem(resnet20, lenet, tmp_path):
@@ -360,21 +383,48 @@ def test_load_errors_name_the_problem(resnet20, lenet, tmp_path):
     (v / "structure.json").write_text("{ truncated")
     with pytest.raises(ValueError, match=r"not valid JSON"):
         surgery.load_pruned(v, arch)
+    def v1(s):
+        s.update(version=1)
+        del s["modules"]
+
+    entry = {"kind": "conv", "type": "Conv2d", "in": [0], "in_width": 8, "out": [0], "out_width": 8}
     with pytest.raises(ValueError, match=r"layer4\.0\.conv1.*lacks"):
-        surgery.load_pruned(variant("unknown", lambda s: s["layers"].update(
-            {"layer4.0.conv1": {"kept": [0], "filters": 8}})), arch)
+        surgery.load_pruned(variant("unknown", lambda s: s["modules"].update(
+            {"layer4.0.conv1": entry})), arch)
+    with pytest.raises(ValueError, match=r"layer4\.0\.conv1.*lacks"):
+        surgery.load_pruned(variant("unknown1", lambda s: (v1(s), s["layers"].update(
+            {"layer4.0.conv1": {"kept": [0], "filters": 8}}))), arch)
+    with pytest.raises(ValueError, match=r"'layer3\.2\.conv1' has 64 output channels and 64 inputs "
+                                         r"in the given architecture but 64 and 65"):
+        surgery.load_pruned(variant("width", lambda s: s["modules"]["layer3.2.conv1"].update(
+            in_width=65)), arch)
     with pytest.raises(ValueError, match=r"'conv1' has 16 filters in the given architecture but 32"):
-        surgery.load_pruned(variant("width", lambda s: s["layers"]["conv1"].update(filters=32)), arch)
+        surgery.load_pruned(variant("width1", lambda s: (v1(s), s["layers"]["conv1"].update(
+            filters=32))), arch)
+    with pytest.raises(ValueError, match=r"module 'layer1\.0\.bn1' as a Conv2d.*BatchNorm2d"):
+        surgery.load_pruned(variant("type", lambda s: s["modules"].update(
+            {"layer1.0.bn1": {**entry, "in_width": 16, "out_width": 16}})), arch)
     with pytest.raises(ValueError, match=r"not a carprune pruned-model structure"):
         surgery.load_pruned(variant("format", lambda s: s.update(format="other")), arch)
     with pytest.raises(ValueError, match=r"version 99"):
         surgery.load_pruned(variant("version", lambda s: s.update(version=99)), arch)
     with pytest.raises(ValueError, match=r"increasing indices"):
         surgery.load_pruned(variant("range", lambda s: s["layers"]["conv1"].update(kept=[3, 16])), arch)
+    with pytest.raises(ValueError, match=r"'out' of module 'layer3\.2\.conv1' must be increasing"):
+        surgery.load_pruned(variant("range2", lambda s: s["modules"]["layer3.2.conv1"].update(
+            out=[5, 3])), arch)
+    with pytest.raises(ValueError, match=r"layer 'layer3\.2\.conv1' keeps filters .* in 'modules'"):
+        surgery.load_pruned(variant("disagree", lambda s: s["modules"]["layer3.2.conv1"].update(
+            out=list(range(10)))), arch)
     # a structure that disagrees with the weights fails the strict load
+    def fewer(s):
+        s["modules"]["layer3.2.conv1"]["out"] = s["layers"]["layer3.2.conv1"]["kept"] = list(range(10))
+
     with pytest.raises(ValueError, match=r"do not fit the rebuilt pruned model"):
-        surgery.load_pruned(variant("mismatch", lambda s: s["layers"]["layer3.2.conv1"].update(
-            kept=list(range(10)))), arch)
+        surgery.load_pruned(variant("mismatch", fewer), arch)
+    with pytest.raises(ValueError, match=r"do not fit the rebuilt pruned model"):
+        surgery.load_pruned(variant("mismatch1", lambda s: (v1(s), s["layers"]["layer3.2.conv1"].update(
+            kept=list(range(10))))), arch)
 
 
 def test_copy_model_is_independent(resnet20):

@@ -70,7 +70,7 @@ def reference_counts(model: nn.Module, zero_after: str, filters, x, y, k: int = 
     # conv2 of a stride-2 block: its BN output meets the downsample shortcut in the residual add
     ("resnet18", "layer2.0.conv2", "layer2.0.bn2", [0, 77, 127]),
     # an inverted-residual expansion conv feeding a depthwise conv through ReLU6
-    ("mobilenet_v2", "features.7.conv.0.0", "features.7.conv.0.1", [0, 191]),
+    ("mobilenet_v2", "features.7.conv.0.0", "features.7.conv.1.2", [0, 191]),
 ])
 def test_api_counts_equal_masked_forward_in_float64(cifar_test, name, layer, zero_after, filters):
     model = calibrated(name, cifar_test)

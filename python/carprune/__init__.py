@@ -2,14 +2,20 @@
 
 Score every filter of a conv layer or neuron of a linear layer (`score_layer`, by top-1 CAR or
 any `metric`: top-k, NLL, RAR's squared/absolute error, a per-sample function), compress
-greedily (`compress_layer`, `compress_layers`, `compress_global`), cut networks physically
-(`prune_filters`), add Deep Compression (`deep_compress`), explain filters (`interpret`) and
-compare two layers of two networks (`compare`).
+greedily (`compress_layer`, `compress_layers`), cut networks physically (`prune_filters`),
+add Deep Compression (`deep_compress`), explain filters (`interpret`) and compare two layers of
+two networks (`compare`).
+
+Whole networks: `prunable_units` finds every group of channels that must go together
+(residual streams, concatenations, depthwise pairs, squeeze-excite gates), `score_units`
+scores them exactly, `prune_units` removes them physically and `compress_global` runs greedy
+CAR to a FLOPs target. `register_channelwise` / `register_leaf` / `register_channel_map` teach
+every stage about a custom module.
 """
 
 import torch  # noqa: F401  (loads libtorch before the extension)
 
-from . import _ops, data, io, metrics, models, threads  # noqa: F401  (_ops registers the native ops)
+from . import _ops, callbacks, data, importance, io, metrics, models, threads  # noqa: F401
 from ._ops import ablate_conv, ablate_conv_head, class_correct_counts
 from .compare import Comparison, compare
 from .cost import CostReport, LayerCost, count_cost
@@ -26,11 +32,18 @@ from .deepcompress import (
 )
 from .engine import LayerScorer, score_layer
 from .finetune import FineTune, finetune
-from .global_mode import GlobalCompressionResult, compress_global, compress_layers
+from .global_mode import (
+    GlobalCompressionResult,
+    GlobalRound,
+    RemovedChannel,
+    compress_global,
+    compress_layers,
+)
 from .graph import CutError, conv_layers
 from .greedy import CompressionResult, Step, compress_layer
 from .interpret import InterpretationReport, build_report, interpret
 from .kse import KSEConv2d, KSELayer, KSEResult, kse_compress
+from .opsem import register_channel_map, register_channelwise, register_leaf
 from .scores import LayerScores
 from .surgery import (
     ScatteredConv2d,
@@ -39,8 +52,11 @@ from .surgery import (
     kept_channels,
     load_pruned,
     prune_filters,
+    prune_units,
     save_pruned,
 )
+from .unit_engine import UnitScorer, UnitScores, score_units
+from .units import Unit, UnitAnalysis, UnitError, masked_forward, prunable_units
 
 __version__ = "0.1.0"
 
@@ -54,6 +70,7 @@ __all__ = [
     "DeepCompressionResult",
     "FineTune",
     "GlobalCompressionResult",
+    "GlobalRound",
     "InterpretationReport",
     "KSEConv2d",
     "KSELayer",
@@ -62,11 +79,18 @@ __all__ = [
     "LayerReport",
     "LayerScorer",
     "LayerScores",
+    "RemovedChannel",
     "ScatteredConv2d",
     "Step",
+    "Unit",
+    "UnitAnalysis",
+    "UnitError",
+    "UnitScorer",
+    "UnitScores",
     "ablate_conv",
     "ablate_conv_head",
     "build_report",
+    "callbacks",
     "channel_origins",
     "class_correct_counts",
     "compare",
@@ -80,17 +104,25 @@ __all__ = [
     "deep_compress",
     "filter_importance",
     "finetune",
+    "importance",
     "interpret",
     "io",
     "kept_channels",
     "kse_compress",
     "load_compressed",
     "load_pruned",
+    "masked_forward",
     "metrics",
     "models",
+    "prunable_units",
     "prune_filters",
+    "prune_units",
     "read_compressed",
+    "register_channel_map",
+    "register_channelwise",
+    "register_leaf",
     "save_compressed",
     "save_pruned",
     "score_layer",
+    "score_units",
 ]

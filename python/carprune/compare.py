@@ -230,13 +230,10 @@ def _present(model: nn.Module, layer: str) -> tuple[list[int], list[int], nn.Mod
 
 def _first_layer_weights(model: nn.Module, layer: str, positions: list[int]) -> np.ndarray | None:
     """The weights of the filters at `positions` when `layer` is a conv reading the input."""
-    from .interpret.receptive import is_first_layer
-
     mod = model.get_submodule(layer)
     if not isinstance(mod, nn.Conv2d):
         return None
-    gm = graph.trace(model)
-    if not is_first_layer(gm, graph.conv_call(gm, layer)):
+    if not graph.analyze(model, layer).first_layer:
         return None
     w = mod.weight.detach().cpu().to(torch.float32).numpy()
     if isinstance(mod, surgery.ScatteredConv2d):

@@ -10,17 +10,23 @@ File layout: top-level keys apply to every command; a table named after a comman
 A top-level key that no command knows is an error (a typo must not silently fall back to a
 default); one that another command knows is ignored, so one file can serve several commands.
 Relative paths in a file are relative to the file's directory, so a job can run from anywhere.
+
+A command then turns the merged mapping into its typed, frozen settings object with
+`settings_object`, which checks every value against the field's type.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import difflib
 import os
 import re
+import types
+import typing
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 try:
     import tomllib
@@ -296,12 +302,88 @@ def merge_settings(
     return out
 
 
-def fingerprint_settings(settings: Mapping[str, Any], keys: Iterable[str]) -> dict[str, Any]:
-    """The subset of settings that determines a result (for resume checks), JSON-friendly."""
-    def plain(v: Any) -> Any:
-        if isinstance(v, tuple):
-            return list(v)
-        return v
+T = TypeVar("T")
 
-    return {k: plain(settings.get(k)) for k in keys}
 
+def settings_object(cls: type[T], settings: Mapping[str, Any]) -> T:
+    """The frozen dataclass `cls` built from a command's merged settings (`merge_settings`).
+
+    Each field takes the setting of the same name (a field the mapping lacks takes its default;
+    keys the class does not name, such as ``_sources``, are ignored). Lists become tuples, so
+    the object is immutable through and through. Every value is checked against the field's
+    annotation (str, int, float, bool, None, tuple[X, ...], dict, unions, Any): a wrong one is a
+    ConfigError naming the setting, what it expects and the value. A ValueError raised by the
+    class's own ``__post_init__`` checks becomes a ConfigError with the same message.
+    """
+    if not (dataclasses.is_dataclass(cls) and cls.__dataclass_params__.frozen):  # type: ignore[attr-defined]
+        raise TypeError(f"{cls.__name__} is not a frozen dataclass")
+    hints = typing.get_type_hints(cls)
+    values: dict[str, Any] = {}
+    for f in dataclasses.fields(cls):
+        if f.name not in settings:
+            if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
+                raise ConfigError(f"{f.name}: a required setting of {cls.__name__} is missing")
+            continue
+        value = _freeze(settings[f.name])
+        tp = hints[f.name]
+        if not _matches(value, tp):
+            raise ConfigError(f"{f.name}: expected {_describe(tp)}, got {value!r}")
+        values[f.name] = value
+    try:
+        return cls(**values)
+    except ConfigError:
+        raise
+    except ValueError as exc:
+        raise ConfigError(str(exc)) from None
+
+
+def _freeze(value: Any) -> Any:
+    if isinstance(value, list):
+        return tuple(_freeze(v) for v in value)
+    return value
+
+
+def _matches(value: Any, tp: Any) -> bool:
+    if tp is Any:
+        return True
+    if tp is None or tp is type(None):
+        return value is None
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        return any(_matches(value, a) for a in typing.get_args(tp))
+    if origin is typing.Literal:
+        return value in typing.get_args(tp)
+    if origin is tuple:
+        args = typing.get_args(tp)
+        if not isinstance(value, tuple):
+            return False
+        if len(args) == 2 and args[1] is Ellipsis:
+            return all(_matches(v, args[0]) for v in value)
+        return len(args) == len(value) and all(_matches(v, a) for v, a in zip(value, args, strict=True))
+    if origin is not None:
+        return isinstance(value, origin)
+    if tp is float:
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    if tp is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    return isinstance(value, tp)
+
+
+def _describe(tp: Any) -> str:
+    if tp is type(None) or tp is None:
+        return "nothing (None)"
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        return " or ".join(_describe(a) for a in typing.get_args(tp))
+    if origin is typing.Literal:
+        return "one of " + ", ".join(map(repr, typing.get_args(tp)))
+    if origin is tuple:
+        args = typing.get_args(tp)
+        if len(args) == 2 and args[1] is Ellipsis:
+            plural = {str: "strings", int: "integers", float: "numbers", bool: "booleans"}
+            return f"a list of {plural.get(args[0], _describe(args[0]) + ' items')}"
+        return f"a tuple ({', '.join(_describe(a) for a in args)})"
+    if origin is dict:
+        return "a table"
+    names = {str: "a string", int: "an integer", float: "a number", bool: "true or false"}
+    return names.get(tp, getattr(tp, "__name__", str(tp)))

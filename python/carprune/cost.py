@@ -7,15 +7,14 @@ padding and pooling never have to be re-derived; a pruned `ScatteredConv2d` coun
 filters it computes. Linear layers count in_features x out_features MACs per output row; a
 Conv1d counts as a conv with a 1 x L output and 1 x k kernels.
 
-A KSE layer (`kse.KSEConv2d`, kind "kse"), whose kept input maps n' each have q_c shared kernels
-(Q = sum q_c) feeding n_L outputs: FLOPs = k^2 (f^2 Q + n_L (n' - 1)), i.e. one f x f
-convolution per centroid (f^2 multiply-accumulates per position) plus, per output channel and
-position, n' - 1 additions fusing the kept maps' results; params = f^2 Q (+ bias); bytes =
-4 f^2 Q + the packed kernel-to-centroid indices (`KSEConv2d.index_bytes`). `inputs` is n'.
+Which modules are counted, and how, is a table of rules by module type: Conv2d, Conv1d and Linear
+are built in; another layer type registers its own with `register_layer_cost` (the KSE layer,
+`kse.KSEConv2d`, does so where it is defined, so this core module never imports an algorithm).
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -28,7 +27,7 @@ class LayerCost:
     """Cost of one conv or linear layer for one input image."""
 
     name: str
-    kind: str                    # "conv", "linear" or "kse" (`kse.KSEConv2d`)
+    kind: str                    # "conv", "linear", or a registered rule's kind ("kse": `kse.KSEConv2d`)
     out_size: tuple[int, int]    # output spatial size (k x k for a square map; (1, 1) for linear)
     filters: int                 # n_L: filters computed (kept ones for a ScatteredConv2d); linear: outputs
     kernel: tuple[int, int]      # f x f (linear: (1, 1))
@@ -93,11 +92,62 @@ class CostReport:
         return "\n".join(rows)
 
 
+# rule(name, module, output of one forward on one image) -> the module's LayerCost for that call
+LayerCostRule = Callable[[str, nn.Module, torch.Tensor], LayerCost]
+
+
+def _conv2d_cost(name: str, mod: nn.Module, out: torch.Tensor) -> LayerCost:
+    w = mod.weight   # a ScatteredConv2d holds only the filters it computes
+    n_l, n_in, fh, fw = w.shape
+    ho, wo = int(out.shape[-2]), int(out.shape[-1])
+    return LayerCost(name, "conv", (ho, wo), n_l, (fh, fw), n_in, ho * wo * n_l * fh * fw * n_in,
+                     _weight_and_bias(mod), 4 * w.numel())
+
+
+def _conv1d_cost(name: str, mod: nn.Module, out: torch.Tensor) -> LayerCost:
+    n_l, n_in, fk = mod.weight.shape          # a 1 x L output, kernels 1 x k
+    lo = int(out.shape[-1])
+    return LayerCost(name, "conv", (1, lo), n_l, (1, fk), n_in, lo * n_l * fk * n_in,
+                     _weight_and_bias(mod), 4 * mod.weight.numel())
+
+
+def _linear_cost(name: str, mod: nn.Module, out: torch.Tensor) -> LayerCost:
+    rows = out.numel() // max(1, out.shape[0] * mod.out_features)
+    return LayerCost(name, "linear", (1, 1), mod.out_features, (1, 1), mod.in_features,
+                     rows * mod.in_features * mod.out_features, _weight_and_bias(mod),
+                     4 * mod.weight.numel())
+
+
+def _weight_and_bias(mod: nn.Module) -> int:
+    return mod.weight.numel() + (mod.bias.numel() if mod.bias is not None else 0)
+
+
+_RULES: dict[type[nn.Module], LayerCostRule] = {
+    nn.Conv2d: _conv2d_cost, nn.Conv1d: _conv1d_cost, nn.Linear: _linear_cost}
+
+
+def register_layer_cost(module_type: type[nn.Module], rule: LayerCostRule) -> None:
+    """Count modules of `module_type` (and its subclasses, unless one has a rule of its own) in
+    `count_cost` with ``rule(name, module, output) -> LayerCost``: `output` is the module's
+    output for one image (batch 1); each call of the module in a forward pass is counted and
+    their FLOPs summed. Registering a type again replaces its rule."""
+    if not (isinstance(module_type, type) and issubclass(module_type, nn.Module)):
+        raise TypeError(f"module_type must be an nn.Module subclass, got {module_type!r}")
+    if not callable(rule):
+        raise TypeError(f"rule must be callable as rule(name, module, output), got {rule!r}")
+    _RULES[module_type] = rule
+
+
+def layer_cost_rule(module: nn.Module) -> LayerCostRule | None:
+    """The rule `count_cost` counts `module` with (its most specific registered type), or None."""
+    return next((_RULES[t] for t in type(module).__mro__ if t in _RULES), None)
+
+
 def count_cost(model: nn.Module, input_shape: tuple[int, ...] | torch.Size) -> CostReport:
     """Per conv/linear layer FLOPs, parameters and weight bytes of `model` for one input of
     `input_shape` (C, H, W), measured with forward hooks on a single zero image in eval mode.
-    KSE layers count as the module docstring says."""
-    from .kse import KSEConv2d  # here: kse builds on this module
+    Layer types with a rule of their own (`register_layer_cost`, e.g. KSE layers) count as it
+    says."""
     shape = tuple(int(s) for s in input_shape)
     if not shape or any(s <= 0 for s in shape):
         raise ValueError(f"input_shape must be positive sizes without the batch, e.g. (3, 32, 32), "
@@ -107,31 +157,9 @@ def count_cost(model: nn.Module, input_shape: tuple[int, ...] | torch.Size) -> C
     device = ref.device if ref is not None else torch.device("cpu")
     found: dict[str, LayerCost] = {}
 
-    def hook(name: str):
+    def hook(name: str, rule: LayerCostRule):
         def record(mod: nn.Module, inp: tuple[Any, ...], out: torch.Tensor) -> None:
-            w = mod.centroids if isinstance(mod, KSEConv2d) else mod.weight
-            params = w.numel() + (mod.bias.numel() if mod.bias is not None else 0)
-            if isinstance(mod, KSEConv2d):
-                fh, fw = mod.kernel_size
-                ho, wo = int(out.shape[-2]), int(out.shape[-1])
-                n_l, kept, q = mod.out_channels, mod.num_maps, mod.num_centroids
-                cost = LayerCost(name, "kse", (ho, wo), n_l, (fh, fw), kept,
-                                 ho * wo * (fh * fw * q + n_l * (kept - 1)), params,
-                                 4 * w.numel() + mod.index_bytes)
-            elif isinstance(mod, nn.Conv1d):   # a 1 x L output, kernels 1 x k
-                n_l, n_in, fk = w.shape
-                lo = int(out.shape[-1])
-                cost = LayerCost(name, "conv", (1, lo), n_l, (1, fk), n_in, lo * n_l * fk * n_in,
-                                 params, 4 * w.numel())
-            elif isinstance(mod, nn.Conv2d):
-                n_l, n_in, fh, fw = w.shape
-                ho, wo = int(out.shape[-2]), int(out.shape[-1])
-                cost = LayerCost(name, "conv", (ho, wo), n_l, (fh, fw), n_in,
-                                 ho * wo * n_l * fh * fw * n_in, params, 4 * w.numel())
-            else:
-                rows = out.numel() // max(1, out.shape[0] * mod.out_features)
-                cost = LayerCost(name, "linear", (1, 1), mod.out_features, (1, 1), mod.in_features,
-                                 rows * mod.in_features * mod.out_features, params, 4 * w.numel())
+            cost = rule(name, mod, out)
             if name in found:
                 found[name].flops += cost.flops
                 found[name].calls += 1
@@ -139,8 +167,10 @@ def count_cost(model: nn.Module, input_shape: tuple[int, ...] | torch.Size) -> C
                 found[name] = cost
         return record
 
-    handles = [m.register_forward_hook(hook(name)) for name, m in model.named_modules()
-               if isinstance(m, nn.Conv2d | nn.Conv1d | nn.Linear | KSEConv2d)]
+    rules = {name: layer_cost_rule(m) for name, m in model.named_modules()}
+    modules = dict(model.named_modules())
+    handles = [modules[name].register_forward_hook(hook(name, rule))
+               for name, rule in rules.items() if rule is not None]
     was_training = model.training
     model.eval()
     try:

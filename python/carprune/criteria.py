@@ -8,10 +8,10 @@ layer (higher = more important; greedy compression removes the lowest first):
 * ``mean_out``: mean |w| over every weight that reads channel i downstream (He et al. 2014):
   W_next[:, i] of each consuming conv and the column block of channel i in a linear layer after a
   flatten (block = in_features // channels), or column i of a linear layer reading a linear
-  layer's features directly. Consumers are found by following the output through
-  operations that keep the channel index (channel-wise ops, element-wise add/sub/mul such as a
-  residual add, identity shortcuts); paths through anything else (e.g. a padding shortcut) are
-  not followed.
+  layer's features directly. These are `graph.LayerAnalysis.readers`: found by following the
+  output through operations that keep the channel index (channel-wise ops, element-wise
+  add/sub/mul such as a residual add, identity shortcuts); paths through anything else (e.g. a
+  padding shortcut) are not followed.
 * ``l1``: sum |w| over W[i] (Li et al. 2016, "Pruning filters for efficient ConvNets").
 * ``kse``: the kernel sparsity and entropy indicator (Li et al., CVPR 2019), see `kse_scores`.
 """
@@ -19,22 +19,18 @@ layer (higher = more important; greedy compression removes the lowest first):
 from __future__ import annotations
 
 import math
-import operator
 from dataclasses import dataclass
 
 import torch
-from torch import fx, nn
+from torch import nn
 
 from . import graph
 from .graph import num_units as _num_units
-from .surgery import ScatteredConv2d, _is_flatten, linears_after_flatten
+from .surgery import ScatteredConv2d
 
 CRITERIA = ("random", "mean_in", "mean_out", "l1", "kse")
 KSE_NEIGHBOURS = 5
 KSE_ALPHA = 1.0
-
-_ELEMENTWISE_BINARY = {operator.add, operator.sub, operator.mul, torch.add, torch.sub, torch.mul}
-_ELEMENTWISE_METHODS = {"add", "sub", "mul"}
 
 
 @dataclass
@@ -47,60 +43,25 @@ class Outgoing:
     kernels: torch.Tensor      # [channels, kernels per channel, kernel size]
 
 
-def _conv_weight(model: nn.Module, layer: str) -> nn.Module:
-    gm = graph.trace(model)
-    cut = graph.find_cut(gm, layer)
-    if isinstance(cut.conv, ScatteredConv2d):
-        raise ValueError(f"layer {layer!r} is already pruned by scattering; score its filters on the "
-                         "original model")
-    return cut.conv
-
-
-def outgoing_weights(model: nn.Module, layer: str) -> list[Outgoing]:
-    """Every conv/linear weight block that reads `layer`'s output channels (see module docstring)."""
-    gm = graph.trace(model)
-    cut = graph.find_cut(gm, layer)
-    channels = _num_units(cut.conv)
-    linear_units = isinstance(cut.conv, nn.Linear)
+def outgoing_weights(model: nn.Module | graph.LayerAnalysis, layer: str | None = None
+                     ) -> list[Outgoing]:
+    """Every conv/linear weight block that reads `layer`'s output channels (see the module
+    docstring): one `Outgoing` per `LayerAnalysis.readers` entry, sorted by consumer name.
+    `model` may be the layer's `LayerAnalysis` (then `layer` may be omitted)."""
+    analysis = graph.analysis_of(model, layer)
+    channels = analysis.num_filters
     found: list[Outgoing] = []
-    seen: set[fx.Node] = set()
-    stack: list[tuple[fx.Node, fx.Node]] = [(u, cut.node) for u in cut.node.users]
-    while stack:
-        node, src = stack.pop()
-        if node in seen:
-            continue
-        seen.add(node)
-        if node.op == "call_module" and node.args == (src,) and not node.kwargs:
-            m = gm.get_submodule(node.target)
-            if isinstance(m, nn.Conv2d | nn.Conv1d) and m.groups == 1 and not linear_units:
-                w = m.weight.detach()
-                found.append(Outgoing(str(node.target), "conv",
-                                      w.transpose(0, 1).reshape(channels, w.shape[0], -1)))
-                continue
-            if isinstance(m, nn.Linear) and linear_units:  # reads the features directly
-                w = m.weight.detach()
-                found.append(Outgoing(str(node.target), "linear", w.t().reshape(channels, -1, 1)))
-                continue
-        if _is_flatten(gm, node, src):
-            for name in linears_after_flatten(gm, node) or []:
-                w = gm.get_submodule(name).weight.detach()
-                if w.shape[1] % channels:
-                    raise graph.CutError(f"linear layer {name!r} has {w.shape[1]} inputs, not a "
-                                         f"multiple of the {channels} channels of {layer!r}")
-                block = w.shape[1] // channels
-                found.append(Outgoing(name, "linear",
-                                      w.reshape(w.shape[0], channels, block).permute(1, 0, 2)))
-            continue
-        passes = graph._is_channelwise(gm, node, src)
-        if not passes and (node.target in _ELEMENTWISE_BINARY if node.op == "call_function" else
-                           node.op == "call_method" and node.target in _ELEMENTWISE_METHODS):
-            passes = len(node.args) == 2 and not node.kwargs
-        if passes:
-            stack.extend((u, node) for u in node.users)
+    for r in analysis.readers:
+        w = analysis.gm.get_submodule(r.module).weight.detach()
+        if r.kind == "conv":
+            kernels = w.transpose(0, 1).reshape(channels, w.shape[0], -1)
+        else:   # column block of each channel (one column: a linear layer's features)
+            kernels = w.reshape(w.shape[0], channels, r.block).permute(1, 0, 2)
+        found.append(Outgoing(r.module, r.kind, kernels))
     if not found:
-        raise graph.CutError(f"no conv or linear layer reads the output of {layer!r} through "
-                             "channel-preserving operations, so it has no outgoing weights to score")
-    found.sort(key=lambda o: o.consumer)
+        raise graph.CutError(f"no conv or linear layer reads the output of {analysis.layer!r} "
+                             "through channel-preserving operations, so it has no outgoing "
+                             "weights to score")
     return found
 
 
@@ -143,10 +104,12 @@ def kse_scores(outgoing: list[Outgoing], alpha: float = KSE_ALPHA,
     return torch.sqrt(_minmax(s) / (1 + alpha * _minmax(e)))
 
 
-def filter_importance(model: nn.Module, layer: str, criterion: str, seed: int = 0) -> torch.Tensor:
+def filter_importance(model: nn.Module | graph.LayerAnalysis, layer: str | None,
+                      criterion: str, seed: int = 0) -> torch.Tensor:
     """Importance of each filter of conv `layer` (neuron of linear `layer`) under a data-free
     `criterion` (one of `CRITERIA`), float64 [n_filters]; higher = more important, so greedy
-    removal takes the lowest.
+    removal takes the lowest. `model` may be the layer's `LayerAnalysis` (`layer` then None or
+    its name); otherwise one is built (`graph.analyze`).
 
     random: seeded U[0, 1); mean_in: mean |W[i]|; l1: sum |W[i]|; mean_out: mean |w| over the
     outgoing weights of channel i (`outgoing_weights`); kse: sqrt(s / (1 + e)) with min-max
@@ -154,7 +117,11 @@ def filter_importance(model: nn.Module, layer: str, criterion: str, seed: int = 
     channel i (`kse_scores`). Only the weights are read; the model is not changed."""
     if criterion not in CRITERIA:
         raise ValueError(f"unknown criterion {criterion!r}; choose from {', '.join(CRITERIA)}")
-    conv = _conv_weight(model, layer)
+    analysis = graph.analysis_of(model, layer)
+    conv = analysis.conv
+    if isinstance(conv, ScatteredConv2d):
+        raise ValueError(f"layer {analysis.layer!r} is already pruned by scattering; score its "
+                         "filters on the original model")
     n = _num_units(conv)
     w = conv.weight.detach().to(torch.float64).cpu()
     if criterion == "random":
@@ -164,7 +131,7 @@ def filter_importance(model: nn.Module, layer: str, criterion: str, seed: int = 
         return w.abs().reshape(n, -1).mean(1)
     if criterion == "l1":
         return w.abs().reshape(n, -1).sum(1)
-    out = outgoing_weights(model, layer)
+    out = outgoing_weights(analysis)
     if criterion == "mean_out":
         total = sum(o.kernels.to(torch.float64).abs().sum((1, 2)).cpu() for o in out)
         count = sum(o.kernels.shape[1] * o.kernels.shape[2] for o in out)

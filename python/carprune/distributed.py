@@ -12,7 +12,13 @@ metrics are integer fixed-point sums too (`carprune.metrics`), exchanged the sam
 Preemption: a scheduler signals every rank, but not at the same instant. A rank stopping one
 step before another would leave the other blocked in a collective forever, so with several
 ranks the signal handler only records the signal, and at each step boundary the ranks agree
-(all-reduce of the flags) before any of them stops.
+(`sync_stop`, an all-reduce of the flags) before any of them stops. The algorithms ask at their
+step boundaries through `carprune.callbacks` (`should_stop`), which the run layer's
+`logging_utils.RunCallbacks` answers with `sync_stop`.
+
+Whole-network compression (`global_mode.compress_global`) shards its unit scoring the same way
+with `ShardedCAR`: each rank scores whole units (balanced by channels x tail cost) and the integer
+sums are all-gathered, so every rank ranks the same numbers one process computes.
 
 Only rank 0 writes outputs and checkpoints; the others wait at a barrier.
 """
@@ -20,6 +26,7 @@ Only rank 0 writes outputs and checkpoints; the others wait at a barrier.
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import os
 import signal
 import threading
@@ -30,9 +37,14 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
+from torch import nn
 
-from . import preempt
+from . import graph, preempt
+from .cost import count_cost
+from .engine import LayerScorer
+from .importance import CAR
 from .scores import LayerScores
+from .units import UnitAnalysis
 
 
 @dataclass
@@ -184,43 +196,32 @@ def _comm_device(ctx: Context) -> torch.device:
     return ctx.device if ctx.backend == "nccl" else torch.device("cpu")
 
 
-# -- the scorer wrapper --------------------------------------------------------------------------
-class DistributedScorer:
-    """A LayerScorer whose `score()` is split across ranks; everything else is delegated.
+# -- sharded scoring -----------------------------------------------------------------------------
+class ShardedScorer(LayerScorer):
+    """A `LayerScorer` whose `score()` is split across the ranks of `ctx`: each rank scores a
+    contiguous share of the filters, and the integer sums are all-gathered, so every rank returns
+    exactly the LayerScores one process computes. Everything else (removals, base sums, the
+    plan) is the LayerScorer's own, on every rank.
 
-    Pass it as ``compress_layer(..., scorer_wrapper=lambda s: DistributedScorer(s, ctx))``. Not
-    initialised or one rank: it calls the scorer directly. `remove()` also agrees on preemption
-    across ranks (see the module docstring): greedy compression calls it once per step on every
-    rank, just before writing its checkpoint and checking for a stop.
+    Greedy compression takes it as its scorer: ``compress_layer(..., scorer_factory=
+    functools.partial(ShardedScorer, ctx=ctx))``. Without an active process group (one process)
+    it is a plain LayerScorer.
     """
 
-    def __init__(self, scorer: Any, ctx: Context | None = None) -> None:
-        self._scorer = scorer
-        self._ctx = ctx or Context()
-
-    def __getattr__(self, name: str) -> Any:
-        return getattr(self._scorer, name)
-
-    @property
-    def scorer(self) -> Any:
-        return self._scorer
+    def __init__(self, *args: Any, ctx: Context | None = None, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.ctx = ctx or Context()
 
     def score(self, filters: Sequence[int] | None = None) -> LayerScores:
-        ctx = self._ctx
-        filt = list(self._scorer.alive) if filters is None else [int(f) for f in filters]
+        ctx = self.ctx
+        filt = self.alive if filters is None else [int(f) for f in filters]
         if not ctx.active or not filt:
-            return self._scorer.score(filt)
+            return super().score(filt)
         # check the whole list on every rank: a bad filter in one rank's share alone would fail
         # that rank and leave the others waiting in the gather
-        bad = [f for f in filt if not 0 <= f < self._scorer.num_filters]
-        if bad:
-            raise ValueError(f"filters {bad} are out of range for {self._scorer.layer!r} "
-                             f"({self._scorer.num_filters} filters)")
-        gone = sorted(set(filt) & set(self._scorer.removed))
-        if gone:
-            raise ValueError(f"filters {gone} of {self._scorer.layer!r} are already removed")
+        self._check_filters(filt)
         mine = shard(filt, ctx.rank, ctx.world_size)
-        s = self._scorer.score(mine)
+        s = super().score(mine)
         k = s.num_classes
         rows = -(-len(filt) // ctx.world_size)  # the largest share
         dev = _comm_device(ctx)
@@ -242,6 +243,139 @@ class DistributedScorer:
         return dataclasses.replace(s, filters=torch.tensor(filt, dtype=torch.int64), counts=counts,
                                    removed=list(s.removed))
 
-    def remove(self, filters: Sequence[int]) -> None:
-        self._scorer.remove(filters)
-        sync_stop(self._ctx)
+
+# -- sharded unit scoring (whole-network compression) --------------------------------------------
+def unit_weights(analysis: UnitAnalysis, units: Sequence[str]) -> list[int]:
+    """Per unit, the work of scoring it: channels x the multiply-accumulates per image of every
+    conv and linear layer downstream of its mask sites (the tail each ablation runs), at least 1."""
+    macs = {lay.name: lay.flops for lay in count_cost(analysis.gm, analysis.input_shape).layers}
+    nodes = {n.name: n for n in analysis.gm.graph.nodes}
+    out = []
+    for name in units:
+        u = analysis.unit(name)
+        tail: set[Any] = set()
+        for site in u.mask:
+            tail |= graph.reachable(nodes[site.node])
+        tail_macs = sum(macs.get(str(n.target), 0) for n in tail if n.op == "call_module")
+        out.append(u.num_channels * max(1, tail_macs))
+    return out
+
+
+def assign_units(weights: Sequence[int], world_size: int) -> list[int]:
+    """The rank that scores each unit: heaviest first, each to the least loaded rank (ties: the
+    lower rank), so the ranks' shares of `weights` are balanced. Deterministic: every rank
+    computes the same assignment from the same weights."""
+    if world_size < 1:
+        raise ValueError(f"world_size must be >= 1, got {world_size}")
+    owner = [0] * len(weights)
+    load = [0] * world_size
+    for i in sorted(range(len(weights)), key=lambda i: (-int(weights[i]), i)):
+        r = min(range(world_size), key=lambda r: (load[r], r))
+        owner[i] = r
+        load[r] += int(weights[i])
+    return owner
+
+
+def state_digest(model: nn.Module) -> str:
+    """SHA-256 of the model's parameters and buffers (names, dtypes, shapes, bytes)."""
+    h = hashlib.sha256()
+    for k, v in model.state_dict().items():
+        t = v.detach().cpu().contiguous().reshape(-1)
+        h.update(f"{k}:{t.dtype}:{tuple(v.shape)};".encode())
+        h.update(t.view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
+
+
+_SHARED_FIELDS = ("class_totals", "classes", "topk", "metric", "higher_is_better", "scale",
+                  "grouping", "bin_edges")
+
+
+class ShardedCAR(CAR):
+    """`importance.CAR` with its unit scoring split across the ranks of `ctx` (torchrun).
+
+    Each rank scores whole units with `unit_engine.score_units` (every rank holds the whole
+    model and the same images): the units are assigned by `assign_units` on `unit_weights`
+    (channels x tail cost). The int64 sums of every unit (per channel and base) are then
+    all-gathered, so every rank returns, and keeps in `last`, exactly the `LayerScores` one
+    process computes (integer sums; a unit's sums do not depend on which other units are scored
+    with it). `last_cost` merges the ranks' `ScoringCost`: every unit's pairs and MACs; the
+    prefix and total seconds are the slowest rank's. The ranks first compare a digest of the model
+    and the images' class totals and fail loudly when they differ. Every rank must call it with
+    the same arguments (it is a collective). Without an active process group it is `CAR`.
+    """
+
+    def __init__(self, data: Any, *, ctx: Context | None = None, **options: Any) -> None:
+        super().__init__(data, **options)
+        self.ctx = ctx or Context()
+
+    def __call__(self, model: nn.Module, analysis: UnitAnalysis, units: Sequence[str]
+                 ) -> dict[str, torch.Tensor]:
+        ctx = self.ctx
+        names = [analysis.unit(u).name for u in units]
+        if not ctx.active or not names:
+            return super().__call__(model, analysis, names)
+        from .unit_engine import ScoringCost, UnitCost, score_units
+
+        owner = assign_units(unit_weights(analysis, names), ctx.world_size)
+        mine = [u for u, r in zip(names, owner, strict=True) if r == ctx.rank]
+        got = (score_units(model, self.data, mine, analysis=analysis, progress=False,
+                           **self.options) if mine else None)
+        shared = None
+        if got is not None:
+            first = got[mine[0]]
+            shared = {f: getattr(first, f) for f in _SHARED_FIELDS}
+            shared["class_totals"] = first.class_totals.tolist()
+        msg = {"digest": state_digest(model), "shared": shared,
+               "units": {u: {"filters": got[u].filters.tolist(), "removed": list(got[u].removed)}
+                         for u in mine},
+               "cost": None if got is None else {
+                   **{k: v for k, v in dataclasses.asdict(got.cost).items() if k != "units"},
+                   "units": [dataclasses.asdict(c) for c in got.cost.units]}}
+        box: list[Any] = [None] * ctx.world_size
+        dist.all_gather_object(box, msg)
+        ref = next(m for m in box if m["shared"] is not None)
+        for r, m in enumerate(box):
+            if m["digest"] != box[0]["digest"] or (m["shared"] is not None
+                                                   and m["shared"] != ref["shared"]):
+                raise RuntimeError(
+                    f"rank {r} scores another model or other images than rank 0 (weights digest "
+                    f"or class totals differ): the same seed, data and weights on every rank are "
+                    "required")
+        k = len(ref["shared"]["classes"])
+        rows = [sum(len(m["units"][u]["filters"]) + 1 for u in m["units"]) for m in box]
+        dev = _comm_device(ctx)
+        # one message per rank: per unit of its share, the channels' sums then the base sums
+        buf = torch.zeros(max(rows), k, dtype=torch.int64, device=dev)
+        at = 0
+        for u in mine:
+            s = got[u]
+            n = len(s.filters)
+            buf[at:at + n] = s.counts.to(dev)
+            buf[at + n] = s.base_counts.to(dev)
+            at += n + 1
+        parts = [torch.empty_like(buf) for _ in range(ctx.world_size)]
+        dist.all_gather(parts, buf)
+        sh = dict(ref["shared"])
+        sh["class_totals"] = torch.tensor(sh["class_totals"], dtype=torch.int64)
+        scores: dict[str, LayerScores] = {}
+        unit_costs: dict[str, Any] = {}
+        for m, p in zip(box, parts, strict=True):
+            p = p.cpu()
+            at = 0
+            for u, info in m["units"].items():
+                n = len(info["filters"])
+                scores[u] = LayerScores(layer=u, filters=torch.tensor(info["filters"],
+                                                                      dtype=torch.int64),
+                                        counts=p[at:at + n].clone(), base_counts=p[at + n].clone(),
+                                        removed=list(info["removed"]), **sh)
+                at += n + 1
+            for c in (m["cost"] or {}).get("units", []):
+                unit_costs[c["unit"]] = UnitCost(**c)
+        costs = [m["cost"] for m in box if m["cost"] is not None]
+        self.last_cost = ScoringCost(
+            images=costs[0]["images"], prefix_macs=max(c["prefix_macs"] for c in costs),
+            prefix_seconds=max(c["prefix_seconds"] for c in costs),
+            seconds=max(c["seconds"] for c in costs), threads=costs[0]["threads"],
+            units=[unit_costs[u] for u in names])
+        self.last = {u: scores[u] for u in names}
+        return {u: s.importance.to(torch.float64) for u, s in self.last.items()}

@@ -14,13 +14,17 @@ squared or absolute error of regression outputs per target bin, a per-sample fun
 (ablation, group) sums of the per-sample values in fixed point. All sums are integers, so the
 result does not depend on chunk sizes, m or the thread count (up to float rounding inside the
 tail's own layers). Units are the filters of a conv layer (Conv2d, Conv1d) or the neurons of a
-linear layer (on [batch, features] outputs).
+linear layer (on [batch, features] outputs); whole-network units (`unit_engine.UnitScorer`)
+reuse this class's plan, chunks and loops.
+
+Zero-activation savings (`zero_skip`, exact): an (image, filter) pair whose channel is all zero
+at the cut cannot change that image's outputs; outside the fused ending (whose kernel skips zero
+pixels itself) it takes the unablated outputs, kept per chunk, and its tail is not run.
 """
 
 from __future__ import annotations
 
 import re
-import sys
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
@@ -30,6 +34,7 @@ import torch.nn.functional as F
 from torch import fx, nn
 
 from . import _ops, graph, metrics
+from .callbacks import log, progress_callbacks, show_progress
 from .data.batches import (
     DataLike,
     class_names,
@@ -41,7 +46,6 @@ from .data.batches import (
 )
 from .fold import fold_conv_bn
 from .head import FusedHead, find_fused_head
-from .logging_utils import log
 from .scores import LayerScores
 
 DEFAULT_MEMORY_BUDGET = 2 * 2**30
@@ -109,6 +113,29 @@ class _Chunk:
     z: torch.Tensor | None               # fused consumer's pre-activation [B, F, Ho, Wo]
     others: dict[str, torch.Tensor]      # other live tensors the tail needs
     groups: torch.Tensor | None = None   # [B] int64: each image's class or target bin
+    # zero-activation savings (`LayerScorer.zero_skip`): alive[i, c] is False when channel c is
+    # all zero for image i wherever a removal zeroes it (then removing it changes nothing);
+    # base_out[i] the unablated network's output, valid where known[i]
+    alive: torch.Tensor | None = None    # bool [B, channels]
+    base_out: torch.Tensor | None = None  # [B, K]
+    known: torch.Tensor | None = None    # bool [B]
+
+
+@dataclass
+class _ScoreRun:
+    """The state of one scoring pass (`LayerScorer._score_begin`)."""
+
+    filters: list[int]
+    chan: torch.Tensor       # ablation rows: [-1 (the unablated row of the fused head)] + filters
+    extra: int               # 1 when row 0 is the unablated network
+    need_base: bool
+    active: bool             # anything to compute
+    b: int                   # images per tail call
+    m: int                   # ablations per tail call
+    base: torch.Tensor
+    totals: torch.Tensor
+    rows: torch.Tensor       # int64 [len(chan), G]
+    bar: object
 
 
 class LayerScorer:
@@ -138,7 +165,30 @@ class LayerScorer:
         fused_head: bool = True,
         metric: str | metrics.Metric | metrics.PerSample | None = None,
         bins: int | Sequence[float] | None = None,
+        zero_skip: bool = True,
     ) -> None:
+        self._init_run(model, data, num_images=num_images, seed=seed,
+                       memory_budget=memory_budget, device=device, dtype=dtype, topk=topk,
+                       progress=progress, classes=classes, metric=metric, bins=bins,
+                       zero_skip=zero_skip)
+        self.layer = layer
+        gm = graph.trace(model).to(device=self.device, dtype=dtype)
+        self._build_layer(gm, layer, fused=fused, fused_head=fused_head)
+        self._plan(rows)
+        self._chunks: list[_Chunk] | None = None
+        self._base: tuple[torch.Tensor, torch.Tensor] | None = None  # (base, totals) for `removed`
+
+    def _init_run(self, model: nn.Module, data: DataLike, *, num_images: int | None, seed: int,
+                  memory_budget: int | str | None, device: torch.device | str | None,
+                  dtype: torch.dtype, topk: int, progress: bool | None,
+                  classes: Sequence[str] | None,
+                  metric: str | metrics.Metric | metrics.PerSample | None,
+                  bins: int | Sequence[float] | None, zero_skip: bool) -> None:
+        """What every scorer needs besides its graphs: device, dtype, metric, budget, images."""
+        self.zero_skip = bool(zero_skip)
+        self._fold_cache: dict = {}
+        self.pairs = 0        # (ablation, image) pairs scored so far
+        self.pairs_run = 0    # of which evaluated (the others were all-zero channels)
         if dtype not in (torch.float32, torch.float64):
             raise ValueError(f"dtype must be torch.float32 or torch.float64, got {dtype}")
         if topk < 1:
@@ -150,36 +200,36 @@ class LayerScorer:
         self.metric = metrics.get_metric(metric, topk)
         self.topk = self.metric.topk or 1
         self._bins = bins
-        self.layer = layer
         self.budget = parse_bytes(memory_budget)
         if model.training:
             log.warning("%s is in train mode: it is scored in eval mode (BatchNorm running "
                         "statistics, no dropout); call model.eval() first to make that explicit",
                         type(model).__name__)
-        self.progress = sys.stderr.isatty() if progress is None else progress
-        gm = graph.trace(model).to(device=self.device, dtype=dtype)
+        self.progress = show_progress(progress)
+        self.data = resolve(data)
+        self._classes = classes
+        self.indices = pick_indices(num_items(data), num_images, seed)
+        self.removed: list[int] = []
+
+    def _build_layer(self, gm: fx.GraphModule, layer: str, *, fused: bool, fused_head: bool
+                     ) -> None:
+        """The cut of `layer` in `gm` (traced, on the scorer's device and dtype), the prefix/tail
+        split, BatchNorm folded into the private graphs, the fused consumer and ending."""
         self.cut = graph.find_cut(gm, layer)
         self.split = graph.split_at(gm, self.cut, fuse=fused)
         self.fused = self.split.fused
         # BatchNorm folded into convs inside the private prefix/tail graphs (never the cut's
         # own chain: the prefix ends at the cut, so its BN-then-ReLU is folded exactly too)
-        fold_conv_bn(self.split.prefix)
-        fold_conv_bn(self.split.tail)
+        fold_conv_bn(self.split.prefix, self._fold_cache)
+        fold_conv_bn(self.split.tail, self._fold_cache)
         # the standard ending after the fused consumer, evaluated inside the ablation kernel
         self.head: FusedHead | None = find_fused_head(self.split) if fused_head else None
         self.num_filters = self.cut.num_filters
-        self.removed: list[int] = []
-        self.data = resolve(data)
-        self._classes = classes
-        self.indices = pick_indices(num_items(data), num_images, seed)
         if self.fused is not None:
             conv = self.fused.conv
             self._w = conv.weight.detach().contiguous()
             self._b = conv.bias.detach() if conv.bias is not None else None
-            self._scale, self._shift = self.fused.scale_shift(dtype, self.device)
-        self._plan(rows)
-        self._chunks: list[_Chunk] | None = None
-        self._base: tuple[torch.Tensor, torch.Tensor] | None = None  # (base, totals) for `removed`
+            self._scale, self._shift = self.fused.scale_shift(self.dtype, self.device)
 
     # -- planning ----------------------------------------------------------------------------
     def _images(self, idx: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
@@ -187,13 +237,6 @@ class LayerScorer:
         if not x.is_floating_point():
             raise TypeError(f"images must be floating point tensors, got {x.dtype}")
         return x.to(self.device, self.dtype), y.to(self.device)
-
-    def _run_prefix(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        try:
-            return self.split.prefix(x)
-        except RuntimeError as exc:
-            raise ValueError(f"images of shape {tuple(x.shape[1:])} do not fit the model "
-                             f"({str(exc).splitlines()[0]})") from exc
 
     def _plan(self, rows: int | None) -> None:
         x, y0 = self._images(self.indices[:1])
@@ -210,11 +253,7 @@ class LayerScorer:
                         f"layer {self.layer!r}: the value {name!r} ({type(t).__name__}) computed "
                         "before the cut is used after it; batch-size dependent values (e.g. "
                         "x.size(0)) must be computed from tensors after the cut")
-            if isinstance(self.cut.conv, nn.Linear) and live[0].dim() != 2:
-                raise graph.CutError(
-                    f"layer {self.layer!r} is a Linear layer whose output here has shape "
-                    f"{tuple(live[0].shape)}; its neurons are scored on [batch, features] outputs "
-                    "only (a linear layer over a longer shape mixes a different dimension)")
+            self._check_live(live)
             self.prefix_rows = _rows_for(rec.max_bytes, rec.total_bytes, self.budget // 4)
             inputs = self._tail_inputs(self._probe_chunk(live, torch.zeros(1)), 0, 1, None)
             trec = _SizeRecorder(self.split.tail)
@@ -249,6 +288,14 @@ class LayerScorer:
         self.chunk_images = len(self.indices) if self.cache_all else max(
             1, (self.budget // 2) // max(1, cached))
 
+    def _check_live(self, live: Sequence[torch.Tensor]) -> None:
+        """Checks of the prefix outputs for one image (the plan's probe)."""
+        if isinstance(self.cut.conv, nn.Linear) and live[0].dim() != 2:
+            raise graph.CutError(
+                f"layer {self.layer!r} is a Linear layer whose output here has shape "
+                f"{tuple(live[0].shape)}; its neurons are scored on [batch, features] outputs "
+                "only (a linear layer over a longer shape mixes a different dimension)")
+
     def _probe_chunk(self, live: Sequence[torch.Tensor], labels: torch.Tensor) -> _Chunk:
         return self._make_chunk(list(live), labels)
 
@@ -256,25 +303,37 @@ class LayerScorer:
     def _make_chunk(self, live: list[torch.Tensor], labels: torch.Tensor) -> _Chunk:
         a = live[0]
         others = dict(zip(self.split.live[1:], live[1:], strict=True))
-        if any(t.untyped_storage().data_ptr() == a.untyped_storage().data_ptr()
-               for t in others.values()):
-            a = a.clone()  # `a` is zeroed in place on removal; never through an alias
+        if self.removed or any(t.untyped_storage().data_ptr() == a.untyped_storage().data_ptr()
+                               for t in others.values()):
+            # `a` is zeroed in place on removal: never through an alias (nor in a tensor
+            # `score_units` shares between units)
+            a = a.clone()
         if self.removed:
             a[:, self.removed] = 0
         z = None
         if self.fused is not None:
             c = self.fused.conv
             z = F.conv2d(a, self._w, self._b, c.stride, c.padding, c.dilation).contiguous()
-        return _Chunk(labels=labels, a=a.contiguous(), z=z, others=others)
+        alive = None
+        if self.zero_skip and self.head is None:
+            alive = _nonzero_channels(a)
+        return _Chunk(labels=labels, a=a.contiguous(), z=z, others=others, alive=alive)
 
-    def _compute_chunk(self, idx: np.ndarray) -> _Chunk:
-        """The prefix over images `idx`, in calls of `prefix_rows` written straight into
-        chunk-sized tensors (no list of parts and no concatenation holding the chunk twice)."""
+    def _prefix_values(self, prefix: fx.GraphModule, idx: np.ndarray, rows: int | None = None
+                       ) -> tuple[list[torch.Tensor], torch.Tensor]:
+        """`prefix` (a graph returning a tuple of tensors) over images `idx`, in calls of `rows`
+        (default `prefix_rows`) written straight into chunk-sized tensors (no list of parts and
+        no concatenation holding the chunk twice); with the images' labels."""
         live: list[torch.Tensor] = []
         labels = []
-        for s in range(0, len(idx), self.prefix_rows):
-            x, y = self._images(idx[s:s + self.prefix_rows])
-            outs = self._run_prefix(x)
+        rows = rows or self.prefix_rows
+        for s in range(0, len(idx), rows):
+            x, y = self._images(idx[s:s + rows])
+            try:
+                outs = prefix(x)
+            except RuntimeError as exc:
+                raise ValueError(f"images of shape {tuple(x.shape[1:])} do not fit the model "
+                                 f"({str(exc).splitlines()[0]})") from exc
             if not live:
                 live = [torch.empty((len(idx), *t.shape[1:]), dtype=t.dtype, device=t.device)
                         for t in outs]
@@ -282,7 +341,10 @@ class LayerScorer:
                 dst[s:s + len(y)].copy_(t)
             labels.append(y)
             del x, outs
-        y = torch.cat(labels)
+        return live, torch.cat(labels)
+
+    def _chunk_from(self, live: list[torch.Tensor], y: torch.Tensor) -> _Chunk:
+        """A chunk from the prefix outputs `live` (in `split.live` order) of images labelled `y`."""
         if self.bound.grouping.kind == "class" and y.numel() and (
                 int(y.min()) < 0 or int(y.max()) >= self.num_outputs):
             raise ValueError(f"labels must lie in [0, {self.num_outputs}) for a model with "
@@ -290,6 +352,10 @@ class LayerScorer:
         chunk = self._make_chunk(live, y)
         chunk.groups = self.bound.grouping.assign(y)
         return chunk
+
+    def _compute_chunk(self, idx: np.ndarray) -> _Chunk:
+        """The prefix over images `idx`, as a chunk."""
+        return self._chunk_from(*self._prefix_values(self.split.prefix, idx))
 
     def _iter_chunks(self) -> Iterator[_Chunk]:
         if self._chunks is not None:
@@ -313,13 +379,16 @@ class LayerScorer:
             del chunk
 
     # -- the tail ----------------------------------------------------------------------------
-    def _tail_inputs(self, ch: _Chunk, b0: int, b1: int, channels: torch.Tensor | None
-                     ) -> list[torch.Tensor]:
+    def _tail_inputs(self, ch: _Chunk, b0: int, b1: int, channels: torch.Tensor | None,
+                     sel: torch.Tensor | None = None) -> list[torch.Tensor]:
         """Tail inputs for images b0:b1 under each ablation in `channels` (None: no ablation),
-        stacked ablation-major: row j * b + i is image i with channel channels[j] removed."""
+        stacked ablation-major: row j * b + i is image i with channel channels[j] removed.
+        `sel`: only those rows (int64 indices j * b + i, increasing)."""
         m = 1 if channels is None else int(channels.numel())
         b = b1 - b0
         a = ch.a[b0:b1]
+        if sel is not None:
+            jr, ir = sel // b, sel % b
         out = []
         for name in self.split.tail_inputs:
             if self.fused is not None and name == self.fused.end.name:
@@ -331,19 +400,53 @@ class LayerScorer:
                 else:
                     v = _ops.ablate_conv(a, self._w, z, self._scale, self._shift, channels,
                                          c.stride, c.padding, c.dilation, self.fused.relu)
-                    out.append(v.view(m * b, *v.shape[2:]))
+                    v = v.view(m * b, *v.shape[2:])
+                    out.append(v if sel is None else v.index_select(0, sel))
             elif name == self.split.live[0]:
                 if channels is None:
                     out.append(a)
-                else:
+                elif sel is None:
                     v = a.unsqueeze(0).repeat(m, *([1] * a.dim()))
                     v[torch.arange(m, device=a.device), :, channels] = 0
                     out.append(v.view(m * b, *a.shape[1:]))
+                else:
+                    v = a.index_select(0, ir)
+                    v[torch.arange(len(sel), device=a.device), channels[jr]] = 0
+                    out.append(v)
             else:
                 t = ch.others[name][b0:b1]
-                out.append(t if m == 1 else
-                           t.unsqueeze(0).expand(m, *t.shape).reshape(m * b, *t.shape[1:]))
+                if channels is None or m == 1 and sel is None:
+                    out.append(t)
+                elif sel is None:
+                    out.append(t.unsqueeze(0).expand(m, *t.shape).reshape(m * b, *t.shape[1:]))
+                else:
+                    out.append(t.index_select(0, ir))
         return out
+
+    def _run_tail(self, inputs: list[torch.Tensor]) -> torch.Tensor:
+        """[rows, K]: the tail graph on stacked inputs."""
+        out = self.split.tail(*inputs)
+        return out.view(out.shape[0], -1)
+
+    def _base_out(self, ch: _Chunk, b0: int, b1: int) -> torch.Tensor:
+        """[b1 - b0, K]: the unablated network's outputs (current removals applied), kept in the
+        chunk for the zero-activation savings."""
+        if not self.zero_skip:
+            return self._run_tail(self._tail_inputs(ch, b0, b1, None))
+        if ch.known is None:
+            ch.known = torch.zeros(ch.labels.shape[0], dtype=torch.bool)
+        if not bool(ch.known[b0:b1].all()):
+            out = self._run_tail(self._tail_inputs(ch, b0, b1, None))
+            if ch.base_out is None:
+                ch.base_out = out.new_empty((ch.labels.shape[0], out.shape[1]))
+            ch.base_out[b0:b1] = out
+            ch.known[b0:b1] = True
+        return ch.base_out[b0:b1]
+
+    def _needed(self, ch: _Chunk, b0: int, b1: int, channels: torch.Tensor) -> torch.Tensor:
+        """bool [m, b1 - b0]: the (ablation, image) pairs whose channel is not all zero wherever
+        the removal zeroes it (the others leave the network unchanged)."""
+        return ch.alive[b0:b1][:, channels].t()
 
     def _logits(self, ch: _Chunk, b0: int, b1: int, channels: torch.Tensor | None
                 ) -> torch.Tensor:
@@ -352,11 +455,31 @@ class LayerScorer:
         if self.head is not None:
             if channels is None:
                 channels = torch.full((1,), -1, dtype=torch.int64, device=self.device)
+            else:
+                real = int((channels >= 0).sum()) * (b1 - b0)   # not the unablated row -1
+                self.pairs += real
+                self.pairs_run += real
             res = ch.others[self.head.residual][b0:b1] if self.head.residual is not None else None
             return self.head.logits(self.fused, ch.a[b0:b1], self._w, ch.z[b0:b1], self._scale,
                                     self._shift, channels, res)
-        m = 1 if channels is None else int(channels.numel())
-        return self.split.tail(*self._tail_inputs(ch, b0, b1, channels)).view(m, b1 - b0, -1)
+        if channels is None:
+            return self._base_out(ch, b0, b1).unsqueeze(0)
+        m, b = int(channels.numel()), b1 - b0
+        self.pairs += m * b
+        if self.zero_skip:
+            need = self._needed(ch, b0, b1, channels)
+            if not bool(need.all()):
+                # an all-zero channel changes nothing: those pairs keep the unablated outputs
+                base = self._base_out(ch, b0, b1)
+                grid = base.unsqueeze(0).repeat(m, 1, 1)
+                sel = need.reshape(-1).nonzero().squeeze(1).to(self.device)
+                if sel.numel():
+                    self.pairs_run += int(sel.numel())
+                    out = self._run_tail(self._tail_inputs(ch, b0, b1, channels, sel))
+                    grid.view(m * b, -1)[sel] = out
+                return grid
+        self.pairs_run += m * b
+        return self._run_tail(self._tail_inputs(ch, b0, b1, channels)).view(m, b, -1)
 
     def _correct(self, ch: _Chunk, b0: int, b1: int, channels: torch.Tensor | None) -> torch.Tensor:
         """int64 [m, G]: the metric summed per group (class or target bin) over images b0:b1
@@ -387,6 +510,9 @@ class LayerScorer:
             lines.append(f"ablations: fused kernel ablate_conv: {consumer}, then the tail graph")
         else:
             lines.append("ablations: the tail graph, once per batch of ablated filters")
+        if self.zero_skip and self.head is None:
+            lines.append("zero activations: an (image, filter) pair whose channel is all zero at "
+                         "the cut keeps the unablated result (tail not run)")
         lines.append(f"images: {len(self.indices)}, " + (
             "activations cached once" if self.cache_all else
             f"prefix recomputed per pass in chunks of {self.chunk_images}"))
@@ -410,47 +536,71 @@ class LayerScorer:
 
     def score(self, filters: Sequence[int] | None = None) -> LayerScores:
         """CAR counts for `filters` (default: every filter not yet removed)."""
-        filt = self.alive if filters is None else self._check_filters(filters)
-        n, k = len(filt), self.num_classes
-        base = torch.zeros(k, dtype=torch.int64)
-        totals = torch.zeros(k, dtype=torch.int64)
-        need_base = self._base is None
-        # with the fused head the unablated network is one more row of the kernel (channel -1)
-        extra = [-1] if need_base and self.head is not None else []
-        rows = torch.zeros(len(extra) + n, k, dtype=torch.int64)
-        chan = torch.tensor(extra + filt, dtype=torch.int64, device=self.device)
-        nj, n_img = len(chan), len(self.indices)
+        run = self._score_begin(filters)
+        with torch.no_grad():
+            for ch in self._iter_chunks() if run.active else ():
+                self._score_chunk(run, ch)
+        return self._score_end(run)
+
+    def _batch_shape(self, nj: int) -> tuple[int, int]:
+        """(images b, ablations m) per tail call for `nj` ablation rows."""
+        n_img = len(self.indices)
         if self.head is not None:
             b = min(n_img, self.chunk_images, max(1, self.head_rows // max(1, nj)))
             m = max(1, min(nj, self.head_rows // b)) if nj else 1
         else:
             b = min(n_img, self.chunk_images, self.rows)
             m = max(1, min(nj, self.rows // b)) if nj else 1
+        return b, m
+
+    def _score_begin(self, filters: Sequence[int] | None) -> _ScoreRun:
+        """A scoring pass over `filters`: `_score_chunk` for every chunk, then `_score_end`.
+        (`score` runs it over the scorer's own chunks; `score_units` feeds every unit's scorer
+        the chunks of one shared prefix pass.)"""
+        filt = self.alive if filters is None else self._check_filters(filters)
+        n, k = len(filt), self.num_classes
+        need_base = self._base is None
+        # with the fused head the unablated network is one more row of the kernel (channel -1)
+        extra = [-1] if need_base and self.head is not None else []
+        chan = torch.tensor(extra + filt, dtype=torch.int64, device=self.device)
+        nj, n_img = len(chan), len(self.indices)
+        b, m = self._batch_shape(nj)
         calls = sum(-(-min(self.chunk_images, n_img - s) // b)
                     for s in range(0, n_img, self.chunk_images)) * -(-nj // m)
-        if not need_base and n == 0:
+        active = bool(n or need_base)
+        if not active:
             calls = 0
-        bar = _progress(calls, f"CAR {self.layer}", self.progress)
+        return _ScoreRun(filters=filt, chan=chan, extra=len(extra), need_base=need_base,
+                         active=active, b=b, m=m,
+                         base=torch.zeros(k, dtype=torch.int64),
+                         totals=torch.zeros(k, dtype=torch.int64),
+                         rows=torch.zeros(nj, k, dtype=torch.int64),
+                         bar=progress_callbacks(self.progress, f"CAR {self.layer}", total=calls,
+                                                unit="batch", leave=False))
+
+    def _score_chunk(self, run: _ScoreRun, ch: _Chunk) -> None:
+        """Adds one chunk's sums to `run`."""
+        bsz = ch.labels.shape[0]
+        nj, b, m = len(run.chan), run.b, run.m
+        run.totals += torch.bincount(ch.groups.cpu(), minlength=self.num_classes)
         with torch.no_grad():
-            for ch in self._iter_chunks() if (n or need_base) else ():
-                bsz = ch.labels.shape[0]
-                totals += torch.bincount(ch.groups.cpu(), minlength=k)
-                for b0 in range(0, bsz, b):
-                    b1 = min(bsz, b0 + b)
-                    if need_base and not extra:
-                        base += self._correct(ch, b0, b1, None)[0].cpu()
-                    for j0 in range(0, nj, m):
-                        rows[j0:j0 + m] += self._correct(ch, b0, b1, chan[j0:j0 + m]).cpu()
-                        bar.update(1)
-        bar.close()
-        if extra:
-            base = rows[0]
-        counts = rows[len(extra):]
-        if need_base:
-            self._base = (base, totals)
+            for b0 in range(0, bsz, b):
+                b1 = min(bsz, b0 + b)
+                if run.need_base and not run.extra:
+                    run.base += self._correct(ch, b0, b1, None)[0].cpu()
+                for j0 in range(0, nj, m):
+                    run.rows[j0:j0 + m] += self._correct(ch, b0, b1, run.chan[j0:j0 + m]).cpu()
+                    run.bar.update(1)
+
+    def _score_end(self, run: _ScoreRun) -> LayerScores:
+        run.bar.close()
+        base = run.rows[0] if run.extra else run.base
+        counts = run.rows[run.extra:]
+        if run.need_base:
+            self._base = (base, run.totals)
         base, totals = self._base
         g = self.bound.grouping
-        return LayerScores(layer=self.layer, filters=torch.tensor(filt, dtype=torch.int64),
+        return LayerScores(layer=self.layer, filters=torch.tensor(run.filters, dtype=torch.int64),
                            counts=counts, base_counts=base, class_totals=totals,
                            classes=self.classes, topk=self.topk, removed=list(self.removed),
                            metric=self.metric.name, higher_is_better=self.metric.higher_is_better,
@@ -473,23 +623,19 @@ class LayerScorer:
                             ch.z = _ops.ablate_conv(ch.a, self._w, ch.z, one, torch.zeros_like(one),
                                                     sel, c.stride, c.padding, c.dilation, False)[0]
                         ch.a[:, s] = 0
+                    ch.known = None
         self.removed.extend(filt)
 
 
-class _NoBar:
-    def update(self, n: int = 1) -> None:
-        pass
-
-    def close(self) -> None:
-        pass
-
-
-def _progress(total: int, desc: str, enabled: bool):
-    if not enabled:
-        return _NoBar()
-    from tqdm.auto import tqdm
-
-    return tqdm(total=total, desc=desc, unit="batch", leave=False)
+def _nonzero_channels(v: torch.Tensor, positions: torch.Tensor | None = None, block: int = 1
+                      ) -> torch.Tensor:
+    """bool [N, len(positions)]: whether channel positions[c] (default: every channel) of `v`
+    ([N, C, ...], or [N, C * block] for a flattened tensor) has a nonzero value, per image."""
+    n = v.shape[0]
+    v = v.reshape(n, v.shape[1] // block, -1)
+    if positions is not None:
+        v = v.index_select(1, positions)
+    return (v != 0).any(-1)
 
 
 def score_layer(
@@ -511,6 +657,7 @@ def score_layer(
     classes: Sequence[str] | None = None,
     metric: str | metrics.Metric | metrics.PerSample | None = None,
     bins: int | Sequence[float] | None = None,
+    zero_skip: bool = True,
 ) -> LayerScores:
     """CAR (and class-wise CAR_c) of every filter of conv `layer` (or neuron of linear `layer`)
     of `model` on `data`; with `metric`, the importance under that metric instead.
@@ -525,12 +672,14 @@ def score_layer(
     `memory_budget` (bytes or '2GiB') bounds the cached activations and each tail batch.
     `data` is any `carprune.data.batches.DataLike` (a Dataset, Subset, DataLoader, or an
     (images, labels) pair of tensors or numpy arrays); `classes` names the classes when the data
-    does not.
+    does not. `zero_skip`: an (image, filter) pair whose channel is all zero at the cut leaves
+    the network unchanged and is counted as the unablated result without running the tail
+    (exact; the fused ending skips zero pixels inside its kernel instead).
     """
     scorer = LayerScorer(model, layer, data, num_images=num_images, seed=seed,
                          memory_budget=memory_budget, device=device, dtype=dtype, topk=topk,
                          fused=fused, rows=rows, progress=progress, classes=classes,
-                         metric=metric, bins=bins)
+                         metric=metric, bins=bins, zero_skip=zero_skip)
     if removed:
         scorer.remove(removed)
     return scorer.score(filters)

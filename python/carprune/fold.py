@@ -12,8 +12,11 @@ from torch import fx, nn
 from torch.nn.utils.fusion import fuse_conv_bn_eval
 
 
-def fold_conv_bn(gm: fx.GraphModule) -> fx.GraphModule:
-    """Replace every conv -> BatchNorm2d pair (BN the conv's only user) by one conv, in place."""
+def fold_conv_bn(gm: fx.GraphModule, cache: dict[tuple[int, int], nn.Conv2d] | None = None
+                 ) -> fx.GraphModule:
+    """Replace every conv -> BatchNorm2d pair (BN the conv's only user) by one conv, in place.
+    `cache` ({(id(conv), id(bn)): folded conv}) lets graphs over the same modules share one
+    folded copy of each pair (the unit scorers of one network do)."""
     changed = False
     for node in list(gm.graph.nodes):
         if node.op != "call_module" or len(node.users) != 1:
@@ -27,8 +30,13 @@ def fold_conv_bn(gm: fx.GraphModule) -> fx.GraphModule:
         bn = gm.get_submodule(user.target)
         if type(bn) is not nn.BatchNorm2d or not bn.track_running_stats or bn.running_mean is None:
             continue
-        with torch.no_grad():
-            fused = fuse_conv_bn_eval(conv.eval(), bn.eval())
+        key = (id(conv), id(bn))
+        fused = cache.get(key) if cache is not None else None
+        if fused is None:
+            with torch.no_grad():
+                fused = fuse_conv_bn_eval(conv.eval(), bn.eval())
+            if cache is not None:
+                cache[key] = fused
         name = f"{node.target.replace('.', '_')}__bnfold"
         gm.add_submodule(name, fused)
         with gm.graph.inserting_before(node):

@@ -1,18 +1,35 @@
-"""Compression across several layers: in sequence (one greedy run per layer, each on the result
-of the last), and a global mode that removes, at each step, the filter with the lowest CAR per
-FLOP saved among all chosen layers until a FLOPs target is met (CAR, or the importance under any
-`metric`, see `score_layer`).
+"""Compression across several layers: in sequence (`compress_layers`: one greedy run per layer,
+each on the result of the last), and globally over whole-network units (`compress_global`).
 
-The global mode scores on a private copy of the network in which removed filters are silenced
-exactly: their conv weights and bias and their BatchNorm's affine parameters are set to zero, so
-the channel is 0 at the cut, which is what removal means. Only the final model is cut
-physically (surgery), and FLOPs are counted on physically pruned copies.
+Global greedy compression (`compress_global`) works on units (`carprune.units`): every group of
+channels that must go together (a conv's filters, a residual stream's channel in every conv
+that adds into it, a squeeze-excite gate with its channel, concatenated channels). Each ROUND:
+
+1. every remaining channel of every candidate unit is scored on the network as it is now,
+   physically pruned (CAR by default, exact, through the engine: `importance.CAR`);
+2. each channel's cost is the FLOPs its removal saves now, analytically (`UnitAnalysis.cost`;
+   no surgery is run just to count FLOPs);
+3. channels are ranked by importance per FLOP saved (lowest first; a channel whose removal
+   loses nothing, or gains, ranks before all others, larger savings first), and the round removes the
+   first-ranked channel of as many different units as `per_round` allows, at most ONE channel
+   per unit per round: removing several channels of one layer on the same scores is known to go
+   wrong (one-shot CAR of ResNet-20 `layer3.2.conv1` is worse than random), while channels of
+   different units interact much less;
+4. the network is pruned physically (`surgery.prune_units`) and the next round re-scores.
+
+The run stops when the FLOPs reach `flops_target` x the original, or before the round that
+would take the metric beyond a relative `max_drop` of the original, as `compress_layer` measures
+it (accuracy-like metrics below (1 - max_drop) x, error-like ones above (1 + max_drop) x; hold-out
+split if given, else the scoring split; that round is undone), or when no unit can lose another
+channel (`min_channels`). A JSON checkpoint is written after every round; the same call resumes
+from it. The run reports each round to its `callbacks` and stops (raising `callbacks.Stopped`)
+when they ask, right after a checkpoint.
 """
 
 from __future__ import annotations
 
+import math
 import os
-import sys
 import time
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
@@ -22,13 +39,14 @@ from typing import Any, ClassVar
 import torch
 from torch import nn
 
-from . import graph, metrics, preempt, surgery
-from .cost import count_cost
+from . import metrics, surgery
+from .callbacks import Callbacks, Event, stop_point
 from .data.batches import DataLike, load_batch
-from .engine import LayerScorer
 from .greedy import CompressionResult, compress_layer
-from .io import read_json, write_json
+from .importance import Importance, get_importance
+from .io import fingerprint, read_json, same_run, write_json
 from .results import PrunedModelResult
+from .units import UnitAnalysis, prunable_units
 
 
 def compress_layers(model: nn.Module, layers: list[str], score_data: DataLike, **kwargs: Any
@@ -49,191 +67,321 @@ def compress_layers(model: nn.Module, layers: list[str], score_data: DataLike, *
 
 
 @dataclass
-class GlobalStep:
-    step: int
-    layer: str
-    removed: int               # original filter index in `layer`
-    car: float                 # its importance (CAR for top-1; the metric's otherwise)
-    flops_saved: int           # per image, by this removal
-    flops: int                 # whole network after the step
+class RemovedChannel:
+    """One channel removed in a round: `channel` numbers the unit's ORIGINAL channels."""
+
+    unit: str
+    channel: int
+    importance: float      # the criterion's value when chosen (CAR: accuracy lost, a fraction)
+    flops_saved: int       # per image, when it was removed
+
+
+@dataclass
+class GlobalRound:
+    """One round of global compression and the network after it."""
+
+    round: int
+    removed: list[RemovedChannel]
+    flops: int                      # conv + linear multiply-accumulates per image, after the round
     params: int
-    score_accuracy: float      # the metric's mean (top-k: accuracy)
+    score_accuracy: float           # the metric's mean on the scoring split (top-k: accuracy)
     holdout_accuracy: float | None
-    seconds: float = 0.0
+    seconds: float = 0.0            # the whole round
+    score_seconds: float = 0.0      # of which scoring
+    image_ablations: int = 0        # (image, channel) ablations scored (the cost model)
+    ablations_run: int = 0          # of which evaluated (the rest: channel all zero, exact skip)
+    tail_flops: float = 0.0         # floating-point operations (2 per MAC) of the tails run
+    tail_seconds: float = 0.0
+
+    @property
+    def accuracy(self) -> float:
+        """Hold-out when the run had one, else scoring: what `max_drop` is measured by."""
+        return self.holdout_accuracy if self.holdout_accuracy is not None else self.score_accuracy
+
+    @property
+    def gflops(self) -> float:
+        """Tail throughput of the round's scoring in GFLOP/s (compare with the machine's fp32
+        GEMM throughput: 98 GFLOP/s on 2 threads here)."""
+        return self.tail_flops / self.tail_seconds / 1e9 if self.tail_seconds > 0 else 0.0
 
 
 @dataclass
 class GlobalCompressionResult(PrunedModelResult):
-    """The outcome of a global run: per-step choices across layers, removed filters, the model."""
+    """The outcome of a global run: per-round choices across units, removed channels, the
+    physically pruned model (`save` / `load(directory, original_architecture)`)."""
 
     FORMAT: ClassVar[str] = "carprune.GlobalCompressionResult"
-    VERSION: ClassVar[int] = 1
+    VERSION: ClassVar[int] = 2
 
-    layers: list[str]
-    flops_target: float
-    trajectory: list[GlobalStep]
-    removed: dict[str, list[int]]
+    units: list[str]
+    criterion: str
+    flops_target: float | None
+    max_drop: float | None
+    trajectory: list[GlobalRound]
+    removed: dict[str, list[int]]   # unit -> original channel indices removed, in removal order
     base_flops: int
+    base_params: int
     base_score_accuracy: float
     base_holdout_accuracy: float | None
+    input_shape: list[int]
+    stopped: str = ""               # why the run ended
     config: dict[str, Any] = field(default_factory=dict)
     model: nn.Module | None = field(default=None, repr=False)
 
     @classmethod
     def from_dict(cls, obj: dict[str, Any], model: nn.Module | None) -> GlobalCompressionResult:
-        return cls(**{**obj, "trajectory": [GlobalStep(**s) for s in obj["trajectory"]]},
-                   model=model)
+        rounds = [GlobalRound(**{**r, "removed": [RemovedChannel(**c) for c in r["removed"]]})
+                  for r in obj["trajectory"]]
+        return cls(**{**obj, "trajectory": rounds}, model=model)
+
+    @property
+    def flops(self) -> int:
+        return self.trajectory[-1].flops if self.trajectory else self.base_flops
+
+    @property
+    def flops_ratio(self) -> float:
+        """FLOPs after / before."""
+        return self.flops / self.base_flops
+
+    def summary(self) -> str:
+        acc = self.trajectory[-1] if self.trajectory else None
+        split = "hold-out" if self.base_holdout_accuracy is not None else "scoring"
+        base = (self.base_holdout_accuracy if self.base_holdout_accuracy is not None
+                else self.base_score_accuracy)
+        lines = [f"global {self.criterion}: {len(self.trajectory)} rounds, "
+                 f"{sum(len(v) for v in self.removed.values())} channels removed; FLOPs "
+                 f"{self.flops:,} of {self.base_flops:,} ({self.flops_ratio:.3f}); {split} "
+                 f"{base:.4f} -> {acc.accuracy if acc else base:.4f}; stopped: {self.stopped}"]
+        for u in self.units:
+            if self.removed.get(u):
+                lines.append(f"  {u}: {len(self.removed[u])} removed")
+        return "\n".join(lines)
 
 
-def _silence(model: nn.Module, layer: str, filters: list[int]) -> None:
-    """Make `filters` of `layer` output exactly 0 at the cut (weights, bias, BN affine = 0)."""
-    gm = graph.trace(model)
-    cut = graph.find_cut(gm, layer)
-    node = cut.conv_node
-    chain = []
-    while node is not cut.node:
-        (node,) = node.users
-        chain.append(node)
-    mods = dict(model.named_modules())
-    conv = mods[layer]
-    with torch.no_grad():
-        conv.weight[filters] = 0
-        if conv.bias is not None:
-            conv.bias[filters] = 0
-        for n in chain:
-            m = mods.get(str(n.target)) if n.op == "call_module" else None
-            if isinstance(m, nn.BatchNorm2d | nn.BatchNorm1d):
-                if m.weight is not None:
-                    m.weight[filters] = 0
-                    m.bias[filters] = 0
-                else:  # no affine: subtract the mean instead
-                    m.running_mean[filters] = 0
-            elif not _maps_zero_to_zero(n, m):
-                raise graph.CutError(
-                    f"global compression silences removed filters by zeroing their weights; "
-                    f"{layer!r} is followed by {n.format_node()}, which does not map 0 to 0")
-
-
-def _maps_zero_to_zero(node, module) -> bool:
-    ok = (nn.ReLU, nn.ReLU6, nn.LeakyReLU, nn.ELU, nn.SELU, nn.CELU, nn.GELU, nn.SiLU, nn.Mish,
-          nn.Tanh, nn.Hardswish, nn.Hardtanh, nn.MaxPool2d, nn.AvgPool2d, nn.AdaptiveAvgPool2d,
-          nn.AdaptiveMaxPool2d, nn.Dropout, nn.Dropout2d, nn.Identity)
-    if module is not None:
-        return isinstance(module, ok)
-    name = getattr(node.target, "__name__", str(node.target))
-    return name in ("relu", "relu6", "leaky_relu", "elu", "gelu", "silu", "tanh", "max_pool2d",
-                    "avg_pool2d", "adaptive_avg_pool2d", "dropout", "contiguous", "clone")
-
-
-def _physical(model: nn.Module, removed: dict[str, list[int]]) -> nn.Module:
-    out = model
-    for layer, filt in removed.items():
-        if filt:
-            out = surgery.prune_filters(out, layer, filt)
+def _resolve_units(analysis: UnitAnalysis, layers: str | Sequence[str]) -> list[str]:
+    """'all', or unit names / names of layers that produce a unit's channels."""
+    if isinstance(layers, str):
+        if layers == "all":
+            return [u.name for u in analysis.units]
+        layers = [layers]
+    if not layers:
+        raise ValueError("compress_global needs 'all' or at least one layer or unit name")
+    out: list[str] = []
+    for name in layers:
+        hit = [u.name for u in analysis.units if u.name == name] or \
+            [u.name for u in analysis.units if name in u.producers]
+        if not hit:
+            skipped = dict(analysis.skipped)
+            why = f" ({skipped[name]})" if name in skipped else ""
+            raise ValueError(f"{name!r} is neither a unit nor a layer that writes one{why}; the "
+                             f"units are: {', '.join(u.name for u in analysis.units)}")
+        out.extend(h for h in hit if h not in out)
     return out
+
+
+def _current_model(model: nn.Module, analysis: UnitAnalysis, removed: dict[str, list[int]],
+                   x: torch.Tensor) -> nn.Module:
+    """`model` with the ORIGINAL channels `removed` taken out physically."""
+    rem = {u: sorted(c) for u, c in removed.items() if c}
+    if not rem:
+        return surgery.copy_model(model).eval()
+    return surgery.prune_units(model, rem, x, analysis=analysis).eval()
+
+
+def _metric_value(model: nn.Module, data: DataLike, num_images: int | None, seed: int,
+                  metric: Any, bins: Any, memory_budget: Any, layer: str) -> float:
+    """The metric's mean over the (seeded subset of) images, as the engine counts it."""
+    from .engine import LayerScorer
+
+    return LayerScorer(model, layer, data, num_images=num_images, seed=seed,
+                       memory_budget=memory_budget, progress=False, metric=metric,
+                       bins=bins).score([]).base_value
 
 
 def compress_global(
     model: nn.Module,
-    layers: list[str],
+    layers: str | Sequence[str],
     score_data: DataLike,
     *,
-    flops_target: float,
+    flops_target: float | None = None,
+    max_drop: float | None = None,
+    criterion: str | Importance = "car",
     eval_data: DataLike | None = None,
+    example_input: torch.Tensor | None = None,
     score_images: int | None = None,
     eval_images: int | None = None,
-    filters_per_step: int = 1,
-    min_filters: int = 1,
+    per_round: int | None = None,
+    cost_aware: bool = True,
+    min_channels: int = 1,
     checkpoint: str | os.PathLike | None = None,
     memory_budget: int | str | None = None,
     seed: int = 0,
-    progress: bool | None = None,
     metric: str | metrics.Metric | metrics.PerSample | None = None,
     bins: int | Sequence[float] | None = None,
+    callbacks: Callbacks | None = None,
 ) -> GlobalCompressionResult:
-    """Remove filters across `layers` until the network's FLOPs are at most `flops_target` x the
-    original, each step taking the filter(s) with the lowest CAR (importance under `metric`) per
-    FLOP saved; the trajectory tracks `metric`."""
-    if not 0 < flops_target < 1:
-        raise ValueError(f"flops_target is a fraction of the original FLOPs in (0, 1), got {flops_target}")
-    if not layers:
-        raise ValueError("compress_global needs at least one layer")
-    show = sys.stderr.isatty() if progress is None else progress
-    work = surgery.copy_model(model).eval()
-    x, _ = load_batch(score_data, [0])
-    shape = tuple(x.shape[1:])
-    base_cost = count_cost(model, shape)
-    nfilt = {}
-    for layer in layers:
-        cut = graph.find_cut(graph.trace(work), layer)  # validates every layer up front
-        nfilt[layer] = cut.num_filters
-    removed: dict[str, list[int]] = {layer: [] for layer in layers}
-    trajectory: list[GlobalStep] = []
-    config = {"layers": layers, "flops_target": flops_target, "score_images": score_images,
-              "eval_images": eval_images, "filters_per_step": filters_per_step,
-              "min_filters": min_filters, "seed": seed}
-    name = metrics.get_metric(metric).name
-    if name != "top1" or bins is not None:   # (top-1 runs keep their checkpoints)
-        config.update(metric=name, bins=bins if not hasattr(bins, "__len__") else list(bins))
+    """Remove unit channels across the network until its FLOPs are at most `flops_target` x
+    the original (and/or until the next round would drop the metric by more than the relative
+    `max_drop`, as in `compress_layer`), each round taking
+    the channels with the lowest importance per FLOP saved, at most one per unit (see the module
+    docstring).
+
+    `layers`: 'all' (every unit of the network), or unit names / names of layers whose
+    channels they are. `criterion`: 'car' (default; exact, on `score_data`), 'l1', 'l2',
+    'random', or an `importance.Importance` object. `per_round`: the most channels a round
+    removes (default: a quarter of the candidate units, at least 1; 1 = the strict one-channel
+    greedy); criteria that are not re-scored (weight magnitudes, random) rank all channels
+    once and remove them in that order without the one-per-unit limit, as one-shot global
+    pruning does. `cost_aware`: rank by importance per FLOP saved (default) or by importance
+    alone. `example_input`: a batch with the input shape (default: the first scoring image).
+    `metric`/`bins` as `score_layer`: what CAR ranks by and what the trajectory tracks.
+    """
+    if flops_target is None and max_drop is None:
+        raise ValueError("compress_global needs flops_target (a fraction of the FLOPs in (0, 1)) "
+                         "or max_drop (the largest relative drop of the metric), or both")
+    if flops_target is not None and not 0 < flops_target < 1:
+        raise ValueError(f"flops_target is a fraction of the original FLOPs in (0, 1), got "
+                         f"{flops_target}")
+    if max_drop is not None and not 0 <= max_drop < 1:
+        raise ValueError(f"max_drop is a relative drop of the metric in [0, 1), got {max_drop}")
+    if min_channels < 1:
+        raise ValueError(f"min_channels must be >= 1, got {min_channels}")
+    if per_round is not None and per_round < 1:
+        raise ValueError(f"per_round must be >= 1, got {per_round}")
+    model = model.eval()
+    if example_input is None:
+        example_input, _ = load_batch(score_data, [0])
+    x = example_input[:1]
+    analysis = prunable_units(model, x)
+    names = _resolve_units(analysis, layers)
+    imp = get_importance(criterion, score_data, seed=seed, num_images=score_images,
+                         memory_budget=memory_budget, metric=metric, bins=bins)
+    per_round = per_round or max(1, math.ceil(len(names) / 4))
+    metric_name = metrics.get_metric(metric).name
+    higher = metrics.get_metric(metric).higher_is_better
+    config = {"units": names, "criterion": imp.name, "flops_target": flops_target,
+              "max_drop": max_drop, "score_images": score_images, "eval_images": eval_images,
+              "per_round": per_round, "cost_aware": cost_aware, "min_channels": min_channels,
+              "seed": seed,
+              "metric": metric_name, "bins": bins if not hasattr(bins, "__len__") else list(bins),
+              "input_shape": list(x.shape[1:])}
+    fp = fingerprint(config)
+    base_flops, _ = analysis.cost()
+    base_params = analysis.total_params()
+    removed: dict[str, list[int]] = {u: [] for u in names}
+    trajectory: list[GlobalRound] = []
     ckpt = Path(checkpoint) if checkpoint is not None else None
-    if ckpt is not None and ckpt.exists():
+    if ckpt is not None and same_run(ckpt, fp, "checkpoint", strict=True) is not None:
+        if not same_run(ckpt, fp, "checkpoint", strict=True):
+            raise ValueError(f"checkpoint {ckpt} belongs to a different run (other settings or "
+                             "data); use another path or delete it")
         state = read_json(ckpt, "checkpoint")
-        if state.get("config") != config:
-            raise ValueError(f"checkpoint {ckpt} belongs to a different run; use another path")
-        trajectory = [GlobalStep(**s) for s in state["trajectory"]]
-        for s in trajectory:
-            removed[s.layer].append(s.removed)
-        for layer, filt in removed.items():
-            if filt:
-                _silence(work, layer, filt)
+        trajectory = [GlobalRound(**{**r, "removed": [RemovedChannel(**c) for c in r["removed"]]})
+                      for r in state["trajectory"]]
+        for r in trajectory:
+            for c in r.removed:
+                removed[c.unit].append(c.channel)
 
-    def accuracy(data, n_images) -> float:
-        return LayerScorer(work, layers[0], data, num_images=n_images, seed=seed,
-                           memory_budget=memory_budget, progress=False, metric=metric,
-                           bins=bins).score([]).base_value
+    probe = analysis.unit(names[0]).producers[0]   # any layer: nothing is ablated
 
-    base_s = accuracy(score_data, score_images)
-    base_h = accuracy(eval_data, eval_images) if eval_data is not None else None
-    flops = count_cost(_physical(model, removed), shape).total_flops
-    while flops > flops_target * base_cost.total_flops:
-        t0 = time.perf_counter()
-        current = _physical(model, removed)
-        cands = []
-        for layer in layers:
-            alive = [f for f in range(nfilt[layer]) if f not in set(removed[layer])]
-            if len(alive) <= min_filters:
-                continue
-            # FLOPs saved by one more filter of this layer, counted on the pruned network
-            positions = surgery.channel_origins(dict(current.named_modules())[layer])
-            one = surgery.prune_filters(current, layer, [positions.index(alive[0])])
-            saved = flops - count_cost(one, shape).total_flops
-            sc = LayerScorer(work, layer, score_data, num_images=score_images, seed=seed,
-                             memory_budget=memory_budget, progress=False, metric=metric, bins=bins)
-            s = sc.score(alive)
-            for f, c in zip(s.filters.tolist(), s.importance.tolist(), strict=True):
-                cands.append((c / max(1, saved), layer, f, c, saved))
-        if not cands:
+    def evaluate(m: nn.Module) -> tuple[float, float | None]:
+        s = _metric_value(m, score_data, score_images, seed, metric, bins, memory_budget, probe)
+        h = (_metric_value(m, eval_data, eval_images, seed, metric, bins, memory_budget, probe)
+             if eval_data is not None else None)
+        return s, h
+
+    base_s, base_h = evaluate(model)
+    target = None if flops_target is None else flops_target * base_flops
+    cb = callbacks
+    stopped = ""
+    static: dict[str, torch.Tensor] | None = None   # criteria that never change: scored once
+    while True:
+        flops = analysis.cost(removed)[0]
+        if target is not None and flops <= target:
+            stopped = f"FLOPs {flops:,} reached the target {target:,.0f}"
             break
-        cands.sort(key=lambda t: (t[0], layers.index(t[1]), t[2]))
-        for _, layer, f, car, saved in cands[:filters_per_step]:
-            removed[layer].append(f)
-            _silence(work, layer, [f])
-            cost = count_cost(_physical(model, removed), shape)
-            flops, pa = cost.total_flops, cost.total_params
-            acc_s = accuracy(score_data, score_images)
-            acc_h = accuracy(eval_data, eval_images) if eval_data is not None else None
-            trajectory.append(GlobalStep(len(trajectory) + 1, layer, f, car, saved, flops, pa, acc_s,
-                                         acc_h, time.perf_counter() - t0))
-            if show:
-                print(f"[global] step {len(trajectory)}: {layer} filter {f} (importance {car:+.4f}, "
-                      f"{saved} FLOPs) -> {flops / base_cost.total_flops:.3f} of the FLOPs",
-                      file=sys.stderr, flush=True)
-            if flops <= flops_target * base_cost.total_flops:
+        t0 = time.perf_counter()
+        current = _current_model(model, analysis, removed, x)
+        cur_an = prunable_units(current, x)
+        alive = {u: [c for c in range(analysis.unit(u).num_channels) if c not in set(removed[u])]
+                 for u in names}
+        cand_units = [u for u in names if len(alive[u]) > min_channels]
+        if not cand_units:
+            stopped = f"no unit has more than min_channels={min_channels} channels left"
+            break
+        ts = time.perf_counter()
+        if imp.rescore or static is None:
+            values = imp(current, cur_an, cand_units)
+            if not imp.rescore:
+                # current numbering -> original channel numbers, kept for later rounds
+                static = {u: dict(zip(alive[u], v.tolist(), strict=True)) for u, v in values.items()}
+        else:
+            values = {u: torch.tensor([static[u][c] for c in alive[u]], dtype=torch.float64)
+                      for u in cand_units}
+        score_s = time.perf_counter() - ts
+        cands = []
+        for u in cand_units:
+            saved = analysis.saved_flops(u, removed)
+            v = values[u]
+            for j, c in enumerate(alive[u]):
+                val = float(v[j])
+                if not cost_aware:
+                    key = (val, 0)
+                elif val > 0:
+                    key = (val / max(1, saved), -saved)
+                else:   # removing it costs nothing (or helps): the largest saving first
+                    key = (val * saved, -saved)
+                cands.append((key, names.index(u), c, u, val))
+        cands.sort()
+        chosen: list[RemovedChannel] = []
+        trial = {u: list(c) for u, c in removed.items()}
+        for _key, _i, c, u, value in cands:
+            if imp.rescore and any(r.unit == u for r in chosen):
+                continue            # re-scored criteria: at most one channel per unit per round
+            if len(alive[u]) - len(trial[u]) + len(removed[u]) <= min_channels:
+                continue
+            saved = analysis.saved_flops(u, trial)
+            trial[u].append(c)
+            chosen.append(RemovedChannel(u, c, value, saved))
+            if (imp.rescore and len(chosen) >= per_round) or (
+                    target is not None and analysis.cost(trial)[0] <= target):
                 break
+        acc_s, acc_h = evaluate(_current_model(model, analysis, trial, x))
+        acc = acc_h if acc_h is not None else acc_s
+        base_acc = base_h if base_h is not None else base_s
+        if max_drop is not None and not (
+                acc >= (1 - max_drop) * base_acc if higher else acc <= (1 + max_drop) * base_acc):
+            stopped = (f"round {len(trajectory) + 1} would take {metric_name} from {base_acc:.4f} "
+                       f"to {acc:.4f}, beyond the relative max_drop={max_drop}; it was undone")
+            break
+        removed = trial
+        cost = getattr(imp, "last_cost", None) if imp.rescore else None
+        fl, _ = analysis.cost(removed)
+        rnd = GlobalRound(len(trajectory) + 1, chosen, fl, analysis.total_params(removed), acc_s,
+                          acc_h, time.perf_counter() - t0, score_s,
+                          sum(c.pairs for c in cost.units) if cost else 0,
+                          sum(c.pairs_run for c in cost.units) if cost else 0,
+                          float(cost.tail_flops) if cost else 0.0,
+                          float(cost.tail_seconds) if cost else 0.0)
+        trajectory.append(rnd)
         if ckpt is not None:
-            write_json(ckpt, {"config": config, "trajectory": [asdict(s) for s in trajectory]})
-        preempt.check(f"global step {len(trajectory)}")
-    return GlobalCompressionResult(layers=layers, flops_target=flops_target, trajectory=trajectory,
-                                   removed=removed, base_flops=base_cost.total_flops,
-                                   base_score_accuracy=base_s, base_holdout_accuracy=base_h,
-                                   config=config, model=_physical(model, removed))
+            write_json(ckpt, {"fingerprint": fp, "config": config,
+                              "trajectory": [asdict(r) for r in trajectory]})
+        if cb is not None:
+            cb.on_event(Event("global", rnd.round, (
+                f"round {rnd.round}: removed " + ", ".join(f"{r.unit}[{r.channel}]" for r in chosen)
+                + f"; FLOPs {fl / base_flops:.3f} of the original; {metric_name} {rnd.accuracy:.4f}"),
+                data={"flops": fl, "params": rnd.params, "accuracy": rnd.accuracy,
+                      "removed": [asdict(r) for r in chosen], "seconds": rnd.seconds}))
+        stop_point(cb, f"global round {rnd.round}")
+    final = _current_model(model, analysis, removed, x)
+    return GlobalCompressionResult(
+        units=names, criterion=imp.name, flops_target=flops_target, max_drop=max_drop,
+        trajectory=trajectory, removed={u: c for u, c in removed.items()},
+        base_flops=base_flops, base_params=base_params, base_score_accuracy=base_s,
+        base_holdout_accuracy=base_h, input_shape=list(x.shape[1:]), stopped=stopped,
+        config=config, model=final)
+
+
+__all__ = ["GlobalCompressionResult", "GlobalRound", "RemovedChannel", "compress_global",
+           "compress_layers"]

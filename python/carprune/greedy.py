@@ -7,6 +7,12 @@ and each removal updates the consumer's cached pre-activation incrementally. Bas
 other filters of the layer are gone) and go through the same driver, so every curve is measured
 the same way. A checkpoint is written after every step; a restarted run resumes from it.
 
+The run itself neither prints nor reads process-wide flags: it reports each step to its
+`callbacks` (`carprune.callbacks`) and asks them whether to stop right after each checkpoint is
+written (raising `callbacks.Stopped`, from which the same call resumes). How the remaining
+filters are scored is the scorer's business: `scorer_factory` builds it (e.g. split across
+ranks, `distributed.ShardedScorer`).
+
 `metric` (default top-1) is what CAR ranks by and what the trajectory tracks on the scoring and
 hold-out splits: e.g. metric='mae' on a regression network is greedy RAR, with the hold-out
 mean absolute error at every step, for every criterion. Units may be conv filters or the neurons
@@ -15,12 +21,9 @@ of a linear layer.
 
 from __future__ import annotations
 
-import hashlib
-import json
 import os
-import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar
@@ -28,12 +31,13 @@ from typing import Any, ClassVar
 import torch
 from torch import nn
 
-from . import criteria, metrics, preempt, surgery
+from . import criteria, graph, metrics, surgery
+from .callbacks import Callbacks, Event, ProgressBar, show_progress, stop_point
 from .cost import count_cost
 from .data.batches import DataLike, num_items
 from .engine import LayerScorer, parse_bytes
 from .finetune import FineTune, finetune
-from .io import read_json, write_json
+from .io import fingerprint, read_json, same_run, write_json
 from .results import PrunedModelResult
 
 CRITERIA = ("car", "random", "mean_in", "mean_out", "l1", "kse")
@@ -53,7 +57,19 @@ class Step:
     params: int
     layer_flops: int              # the compressed layer alone (paper: k^2 n_L f^2 n_{L-1})
     layer_bytes: int              # the compressed layer's weights (paper: 4 f^2 n_{L-1} n_L)
+    # (as `cost.count_cost` counts the pruned network: step 0 measured, later steps analytic)
     seconds: float = 0.0
+
+    @property
+    def accuracy(self) -> float:
+        """The metric on the hold-out split when the run had one, else on the scoring split:
+        what `max_drop` is measured by and what summaries report."""
+        return self.holdout_accuracy if self.holdout_accuracy is not None else self.score_accuracy
+
+    @property
+    def accuracy_on(self) -> str:
+        """Which split `accuracy` comes from: 'hold-out' or 'scoring'."""
+        return "hold-out" if self.holdout_accuracy is not None else "scoring"
 
 
 @dataclass
@@ -78,6 +94,14 @@ class CompressionResult(PrunedModelResult):
     def compression_ratio(self) -> float:
         return self.num_filters / max(1, len(self.kept))
 
+    @property
+    def final_step(self) -> Step:
+        """The trajectory step whose network `model` is: the one that left `kept` filters. With
+        `max_drop` the run went one step past it (the step that fell below the floor); a result
+        whose trajectory lists no such step gives its last."""
+        kept = len(self.kept)
+        return next((s for s in self.trajectory if s.kept == kept), self.trajectory[-1])
+
     def step_of(self, filt: int) -> int | None:
         """The greedy step at which original filter `filt` was removed (None: kept)."""
         for s in self.trajectory:
@@ -92,10 +116,6 @@ class CompressionResult(PrunedModelResult):
                    trajectory=[Step(**s) for s in obj["trajectory"]], config=obj["config"],
                    model=model, finetuned_holdout_accuracy=obj["finetuned_holdout_accuracy"],
                    metric=obj.get("metric", "top1"))
-
-
-def _fingerprint(cfg: dict[str, Any]) -> str:
-    return hashlib.sha256(json.dumps(cfg, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
 def _target_kept(num_filters: int, keep: float | int | None) -> int:
@@ -132,19 +152,27 @@ def _within(value: float, limit: float | None, higher_is_better: bool) -> bool:
     return limit is None or (value >= limit if higher_is_better else value <= limit)
 
 
-def _cost(model: nn.Module, layer: str, removed: list[int], input_shape: tuple[int, ...]
-          ) -> tuple[int, int, int, int]:
-    # Surgery and one batch-1 forward per step: on one intra-op thread, since these tiny ops
-    # only wait on each other with more (10x slower with 2 threads on a busy 2-core machine).
+def _base_cost(model: nn.Module, layer: str, input_shape: tuple[int, ...]
+               ) -> tuple[int, int, int, int]:
+    """(FLOPs, params, layer FLOPs, layer bytes) of the unpruned `model` (`count_cost`: one
+    batch-1 forward, on one intra-op thread: these tiny ops only wait on each other with more)."""
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        pruned = surgery.prune_filters(model, layer, removed) if removed else model
-        rep = count_cost(pruned, input_shape)
+        rep = count_cost(model, input_shape)
     finally:
         torch.set_num_threads(threads)
     lay = rep.layer(layer)
     return rep.total_flops, rep.total_params, lay.flops, lay.bytes
+
+
+def _cost(base: Step, per: graph.FilterCost, removed: int) -> tuple[int, int, int, int]:
+    """The cost after `removed` filters are gone: step 0's less `removed` times what one filter
+    accounts for (`graph.LayerAnalysis.per_filter`; every term is linear in the count), equal to
+    `count_cost` of the pruned network (tests/test_greedy.py compares them)."""
+    return (base.flops - removed * per.flops, base.params - removed * per.params,
+            base.layer_flops - removed * per.layer_flops,
+            base.layer_bytes - removed * per.layer_bytes)
 
 
 def compress_layer(
@@ -168,7 +196,8 @@ def compress_layer(
     memory_budget: int | str | None = None,
     dtype: torch.dtype = torch.float32,
     progress: bool | None = None,
-    scorer_wrapper=None,
+    callbacks: Callbacks | None = None,
+    scorer_factory: Callable[..., LayerScorer] | None = None,
 ) -> CompressionResult:
     """Greedily remove filters of conv `layer` (or neurons of linear `layer`) until `keep`
     remain (a fraction or a count; default 1) or, with `max_drop`, while the metric stays within
@@ -181,6 +210,28 @@ def compress_layer(
     criterion, the trajectory tracks `metric`. `lazy` (CAR only) re-scores only filters that can
     still be the minimum, trusting earlier scores as bounds: faster, and measured in benchmarks/
     against the default.
+
+    `checkpoint`: a JSON file written after every step; a call with the same settings resumes
+    from it (ValueError if it belongs to another run).
+
+    `callbacks` (`carprune.callbacks.Callbacks`) get an `Event` ("greedy") when the run starts
+    (step 0) and after every step, once its checkpoint is written, and a last one with
+    ``data["finished"]``; right after each step's checkpoint, `should_stop()` may end the run
+    with `callbacks.Stopped` (call again with the same checkpoint to resume; the result is the
+    one an uninterrupted run gives). Event data: "label" ("compress <layer>"), "layer", "unit"
+    ("filter"), "done"/"total" (filters removed so far / to remove), and per step "removed",
+    "scores", "kept", "score_accuracy", "holdout_accuracy". Without callbacks, `progress`
+    (True; None: on a terminal, as `callbacks.show_progress` decides) shows a bar
+    (`callbacks.ProgressBar`).
+
+    Each step's FLOPs and parameters (`Step`) are analytic: the unpruned network's
+    (`count_cost`, once) less what the removed filters account for (`graph.analyze`'s
+    `per_filter`), as `count_cost` counts the pruned network.
+
+    `scorer_factory` builds the scorer of the scoring split (default `LayerScorer`; it is called
+    with LayerScorer's arguments): ``functools.partial(distributed.ShardedScorer, ctx=ctx)``
+    splits each step's scoring across torchrun ranks, ``functools.partial(LayerScorer,
+    fused_head=False)`` forces the generic tail.
     """
     if criterion not in CRITERIA:
         raise ValueError(f"unknown criterion {criterion!r}; choose from {', '.join(CRITERIA)}")
@@ -190,10 +241,26 @@ def compress_layer(
         raise ValueError(f"max_drop is a relative accuracy drop in [0, 1), got {max_drop}")
     if lazy and criterion != "car":
         raise ValueError("lazy re-scoring applies to the 'car' criterion only")
-    show = sys.stderr.isatty() if progress is None else progress
+    show = show_progress(progress)
+    own = None
+    if callbacks is None and show:
+        callbacks = own = ProgressBar(f"compress {layer}", unit="filter")
+    try:
+        return _compress_layer(model, layer, score_data, eval_data, criterion, metric, bins, keep,
+                               max_drop, filters_per_step, score_images, eval_images, finetune,
+                               checkpoint, lazy, seed, memory_budget, dtype, show, callbacks,
+                               scorer_factory or LayerScorer)
+    finally:
+        if own is not None:
+            own.close()
+
+
+def _compress_layer(model, layer, score_data, eval_data, criterion, metric, bins, keep, max_drop,
+                    filters_per_step, score_images, eval_images, finetune, checkpoint, lazy, seed,
+                    memory_budget, dtype, show, callbacks, make_scorer) -> CompressionResult:
     # the score and hold-out scorers live side by side for the whole run: they share the budget
     share = parse_bytes(memory_budget) // (1 if eval_data is None else 2)
-    scorer = LayerScorer(model, layer, score_data, num_images=score_images, seed=seed,
+    scorer = make_scorer(model, layer, score_data, num_images=score_images, seed=seed,
                          memory_budget=share, dtype=dtype, progress=False, metric=metric, bins=bins)
     holdout = None
     if eval_data is not None:
@@ -204,11 +271,10 @@ def compress_layer(
     if finetune is not None and scorer.bound.grouping.kind != "class":
         raise ValueError("fine-tuning trains with cross-entropy on class labels; these targets "
                          "are regression targets, so compress without finetune=")
-    if scorer_wrapper is not None:
-        scorer = scorer_wrapper(scorer)
     n = scorer.num_filters
     target = _target_kept(n, keep)
     input_shape = tuple(_input_shape(score_data))
+    analysis = graph.analyze(model, layer, torch.zeros(1, *input_shape))
     config = {"layer": layer, "criterion": criterion, "keep": keep, "max_drop": max_drop,
               "filters_per_step": filters_per_step, "score_images": len(scorer.indices),
               "eval_images": len(holdout.indices) if holdout is not None else None,
@@ -218,74 +284,73 @@ def compress_layer(
               "finetune": finetune.describe() if finetune is not None else None}
     if measure.name != "top1" or bins is not None:   # (top-1 runs keep their fingerprints)
         config.update(metric=measure.name, bins=bins if not hasattr(bins, "__len__") else list(bins))
-    fp = _fingerprint(config)
+    fp = fingerprint(config)
     tracker = _Tracker(scorer, holdout)
     trajectory: list[Step] = []
     ckpt = Path(checkpoint) if checkpoint is not None else None
-    if ckpt is not None and ckpt.exists():
+    same = same_run(ckpt, fp, "checkpoint", strict=True) if ckpt is not None else None
+    if same is False:
+        raise ValueError(f"checkpoint {ckpt} belongs to a different run "
+                         f"({read_json(ckpt, 'checkpoint').get('config')} vs {config}); use "
+                         "another path")
+    if same:
         state = read_json(ckpt, "checkpoint")
-        if state.get("fingerprint") != fp:
-            raise ValueError(f"checkpoint {ckpt} belongs to a different run "
-                             f"({state.get('config')} vs {config}); use another path")
         trajectory = [Step(**s) for s in state["trajectory"]]
         for s in trajectory[1:]:
             tracker.remove(s.removed)
     if not trajectory:
         acc_s, acc_h = tracker.accuracies()
-        fl, pa, lf, lb = _cost(model, layer, [], input_shape)
+        fl, pa, lf, lb = _base_cost(model, layer, input_shape)
         trajectory.append(Step(0, [], [], n, acc_s, acc_h, fl, pa, lf, lb))
-    base_acc = trajectory[0].holdout_accuracy if holdout is not None else trajectory[0].score_accuracy
+    base_acc = trajectory[0].accuracy
     better = measure.higher_is_better
     floor = None if max_drop is None else (1 - max_drop if better else 1 + max_drop) * base_acc
     order = None
     if criterion != "car":
-        imp = criteria.filter_importance(model, layer, criterion, seed=seed)
+        imp = criteria.filter_importance(analysis, layer, criterion, seed=seed)
         order = sorted(range(n), key=lambda f: (float(imp[f]), f))
+    per_filter = analysis.per_filter
+    del analysis  # (its traced copy of the model is not needed any more)
     stale: dict[int, float] = {}
-    bar = None
-    if show:
-        from tqdm.auto import tqdm
-
-        bar = tqdm(total=n - target, initial=n - len(scorer.alive), desc=f"compress {layer}",
-                   unit="filter")
-    try:
-        while True:
-            alive = scorer.alive
-            last = trajectory[-1]
-            if len(alive) <= target:
-                break
-            if floor is not None:
-                acc = last.holdout_accuracy if holdout is not None else last.score_accuracy
-                if not _within(acc, floor, better):
-                    break
-            t0 = time.perf_counter()
-            k = min(filters_per_step, len(alive) - target)
-            if criterion == "car":
-                picks, vals = _car_pick(scorer, alive, k, lazy, stale)
-            else:
-                gone = set(scorer.removed)
-                picks = [f for f in order if f not in gone][:k]
-                vals = [float(imp[f]) for f in picks]
-            tracker.remove(picks)
-            acc_s, acc_h = tracker.accuracies()
-            fl, pa, lf, lb = _cost(model, layer, list(scorer.removed), input_shape)
-            trajectory.append(Step(len(trajectory), picks, vals, len(alive) - len(picks), acc_s,
-                                   acc_h, fl, pa, lf, lb, time.perf_counter() - t0))
-            if ckpt is not None:
-                write_json(ckpt, {"fingerprint": fp, "config": config,
-                                  "trajectory": [asdict(s) for s in trajectory]})
-            if bar is not None:
-                bar.update(len(picks))
-            preempt.check(f"step {len(trajectory) - 1} of {layer}")
-    finally:
-        if bar is not None:
-            bar.close()
+    head = {"label": f"compress {layer}", "layer": layer, "unit": "filter", "total": n - target}
+    if callbacks is not None:
+        callbacks.on_event(Event("greedy", 0, f"compress {layer}: {n} filters, {n - target} to "
+                                 f"remove, {len(trajectory) - 1} steps done",
+                                 data={**head, "done": n - len(scorer.alive)}))
+    while True:
+        alive = scorer.alive
+        last = trajectory[-1]
+        if len(alive) <= target:
+            break
+        if floor is not None and not _within(last.accuracy, floor, better):
+            break
+        t0 = time.perf_counter()
+        k = min(filters_per_step, len(alive) - target)
+        if criterion == "car":
+            picks, vals = _car_pick(scorer, alive, k, lazy, stale)
+        else:
+            gone = set(scorer.removed)
+            picks = [f for f in order if f not in gone][:k]
+            vals = [float(imp[f]) for f in picks]
+        tracker.remove(picks)
+        acc_s, acc_h = tracker.accuracies()
+        fl, pa, lf, lb = _cost(trajectory[0], per_filter, len(scorer.removed))
+        step = Step(len(trajectory), picks, vals, len(alive) - len(picks), acc_s, acc_h, fl, pa,
+                    lf, lb, time.perf_counter() - t0)
+        trajectory.append(step)
+        if ckpt is not None:
+            write_json(ckpt, {"fingerprint": fp, "config": config,
+                              "trajectory": [asdict(s) for s in trajectory]})
+        if callbacks is not None:
+            callbacks.on_event(Event(
+                "greedy", step.step, _step_message(layer, step, n, criterion, measure),
+                data={**head, "done": n - step.kept, "removed": picks, "scores": vals,
+                      "kept": step.kept, "score_accuracy": acc_s, "holdout_accuracy": acc_h}))
+            stop_point(callbacks, f"step {step.step} of {layer}")
     # with a floor, the final model is the last step that stayed above it
     final = len(trajectory) - 1
     if floor is not None:
-        ok = [s.step for s in trajectory
-              if _within(s.holdout_accuracy if holdout is not None else s.score_accuracy, floor,
-                         better)]
+        ok = [s.step for s in trajectory if _within(s.accuracy, floor, better)]
         final = max(ok) if ok else 0
     removed = [f for s in trajectory[1:final + 1] for f in s.removed]
     kept = [f for f in range(n) if f not in set(removed)]
@@ -297,7 +362,23 @@ def compress_layer(
         del tracker, scorer, holdout  # release the cached activations before fine-tuning
         _finetune_and_evaluate(result, finetune, eval_data, eval_images, seed, show, memory_budget,
                                measure)
+    if callbacks is not None:
+        callbacks.on_event(Event("greedy", len(trajectory) - 1,
+                                 f"compress {layer}: kept {len(kept)} of {n} filters",
+                                 data={**head, "done": n - len(kept), "finished": True}))
     return result
+
+
+def _step_message(layer: str, step: Step, n: int, criterion: str, measure: metrics.Metric) -> str:
+    """One line for a batch log: which filters went, with their score, and how many are left."""
+    if criterion == "car" and measure.name.startswith("top"):
+        what = [f"{f} (CAR {100 * v:+.2f} pts)" for f, v in zip(step.removed, step.scores, strict=True)]
+    elif criterion == "car":
+        what = [f"{f} ({measure.name} importance {v:+.4g})"
+                for f, v in zip(step.removed, step.scores, strict=True)]
+    else:
+        what = [f"{f} ({criterion} {v:.4g})" for f, v in zip(step.removed, step.scores, strict=True)]
+    return f"{layer}: removed filter {', '.join(what)}; {step.kept} of {n} left"
 
 
 def _input_shape(data: DataLike) -> tuple[int, ...]:

@@ -1,10 +1,16 @@
 """Atomic file writes (results are written to a temporary file and renamed, so an interrupted
-run never leaves a half-written file under the final name) and safe reading of torch files."""
+run never leaves a half-written file under the final name), atomic replacement of directories
+and of a directory's contents, run fingerprints (may a run resume from what is on disk?), and
+safe reading of torch files."""
 
 from __future__ import annotations
 
+import ctypes
+import errno
+import hashlib
 import json
 import os
+import shutil
 import tempfile
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -59,6 +65,125 @@ def read_json(path: str | os.PathLike, what: str = "file") -> Any:
         return json.loads(path.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise ValueError(f"{what} {path} is not valid JSON ({exc})") from exc
+
+
+# -- directories ---------------------------------------------------------------------------------
+_AT_FDCWD = -100
+_RENAME_EXCHANGE = 2
+_renameat2: Any = None
+
+
+def _exchange(a: Path, b: Path) -> bool:
+    """Swap the names `a` and `b` in one step (Linux renameat2 RENAME_EXCHANGE). False where the
+    C library, kernel or file system does not offer it (nothing was changed then)."""
+    global _renameat2
+    if _renameat2 is None:
+        try:
+            fn = ctypes.CDLL(None, use_errno=True).renameat2
+            fn.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p, ctypes.c_uint]
+            fn.restype = ctypes.c_int
+            _renameat2 = fn
+        except (AttributeError, OSError):
+            _renameat2 = False
+    if _renameat2 is False:
+        return False
+    if _renameat2(_AT_FDCWD, os.fsencode(a), _AT_FDCWD, os.fsencode(b), _RENAME_EXCHANGE) == 0:
+        return True
+    err = ctypes.get_errno()
+    if err in (errno.EINVAL, errno.ENOSYS, errno.ENOTSUP, errno.EOPNOTSUPP, errno.EPERM):
+        return False
+    raise OSError(err, f"cannot exchange {a} and {b}: {os.strerror(err)}")
+
+
+def replace_path(src: str | os.PathLike, dst: str | os.PathLike) -> None:
+    """Move `src` (a file or a directory) to `dst`, replacing what is there.
+
+    A file, or a `dst` that does not exist, is replaced by one rename. An existing directory is
+    exchanged with `src` in one step where the system can (Linux renameat2 RENAME_EXCHANGE), so a
+    reader always finds either the old or the new `dst`, then the old tree is deleted. Elsewhere
+    the old directory is first renamed aside (a reader may then briefly find no `dst`, never a
+    mixture of the two). A symlink at `dst` is replaced, not followed. Both paths must be on one
+    file system.
+    """
+    src, dst = Path(src), Path(dst)
+    if not (dst.is_dir() and not dst.is_symlink()):
+        os.replace(src, dst)
+        return
+    if _exchange(src, dst):
+        shutil.rmtree(src, ignore_errors=True)   # src now names the old tree
+        return
+    aside = dst.with_name(f".{dst.name}.old-{os.getpid()}")
+    os.replace(dst, aside)
+    os.replace(src, dst)
+    shutil.rmtree(aside, ignore_errors=True)
+
+
+def update_directory(out: str | os.PathLike, write: Callable[[Path], Any], last: str) -> None:
+    """Write a set of files into directory `out` so that a reader never sees a half-written one.
+
+    `write(tmp)` writes every file (and subdirectory) into a fresh temporary directory inside
+    `out`; each is then moved into place with `replace_path`, the one named `last` (the file
+    that marks the output complete, e.g. result.json) at the end. An older `last` is deleted
+    before anything is replaced, so it never describes newer files. Entries of `out` that
+    `write` does not produce are left alone; on failure the temporary directory is removed.
+    """
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=out, prefix=".update-"))
+    try:
+        write(tmp)
+        if not (tmp / last).exists():
+            raise FileNotFoundError(f"update of {out}: the writer produced no {last}")
+        (out / last).unlink(missing_ok=True)
+        for p in sorted(tmp.iterdir()):
+            if p.name != last:
+                replace_path(p, out / p.name)
+        os.replace(tmp / last, out / last)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+# -- run identity ----------------------------------------------------------------------------------
+def fingerprint(obj: Any) -> str:
+    """A short digest of `obj` (JSON types; other values by str()): the identity of a run's
+    settings. Key order does not matter; a tuple and a list of the same items digest the same."""
+    text = json.dumps(obj, sort_keys=True, default=str)
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+def file_identity(path: str | os.PathLike | None) -> Any:
+    """A file or directory a run reads, as [resolved path, size (files), mtime in ns], for a
+    fingerprint: a resumed run must read the same files. A missing path is its string; None
+    stays None."""
+    if path is None:
+        return None
+    p = Path(path)
+    if not p.exists():
+        return str(p)
+    st = p.stat()
+    return [str(p.resolve()), st.st_size if p.is_file() else None, st.st_mtime_ns]
+
+
+def same_run(path: str | os.PathLike, fp: str, what: str = "record", *, strict: bool = False
+             ) -> bool | None:
+    """Whether the JSON record at `path` (a checkpoint, a scores.json, a checkpoint's settings)
+    was written by a run with fingerprint `fp` (its "fingerprint" key).
+
+    None: there is no record to resume from: no file, or (unless `strict`) a file that is not
+    readable JSON. With `strict` an unreadable record raises read_json's ValueError naming it.
+    False: a record of another run (or one without a fingerprint). The one test every resume
+    check uses; what a mismatch means (start over, refuse) is the caller's decision.
+    """
+    path = Path(path)
+    if not path.exists():
+        return None
+    try:
+        doc = read_json(path, what)
+    except ValueError:
+        if strict:
+            raise
+        return None
+    return isinstance(doc, dict) and doc.get("fingerprint") == fp
 
 
 def read_tensor_file(path: str | os.PathLike, what: str = "checkpoint") -> Any:

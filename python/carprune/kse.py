@@ -21,7 +21,8 @@ For each compressed conv layer with weight W [N, C, kh, kw] (N filters over C in
    the kept maps, the result for the centroid its kernel was replaced by (a sparse 0/1 product:
    one addition per kept map). Maps kept whole are one ordinary convolution. It computes
    exactly the dense convolution whose kernels are the centroids (`KSEConv2d.dense_weight`),
-   with fewer parameters and FLOPs (`count_cost` counts them). On CPU it is still slower than
+   with fewer parameters and FLOPs (`count_cost` counts them by `kse_layer_cost`, which this
+   module registers with `cost.register_layer_cost`). On CPU it is still slower than
    the dense convolution: grouped convolutions and sparse products run far below the speed of
    the dense kernels (measured in benchmarks/bench_kse.py).
 
@@ -33,7 +34,6 @@ from __future__ import annotations
 
 import math
 import os
-import sys
 import time
 import warnings
 import zlib
@@ -48,11 +48,11 @@ import torch.nn.functional as F
 from torch import nn
 
 from . import criteria, graph, surgery
-from .cost import count_cost
+from .callbacks import log, progress_callbacks, show_progress
+from .cost import LayerCost, count_cost, register_layer_cost
 from .data.batches import DataLike, load_batch, num_items, pick_indices
 from .finetune import FineTune, finetune
 from .io import atomic_open, read_json, read_tensor_file, write_json
-from .logging_utils import log
 from .results import PrunedModelResult
 
 STRUCTURE_FORMAT = "carprune.KSEStructure"
@@ -349,6 +349,26 @@ class KSEConv2d(nn.Module):
                 f"centroids={self.num_centroids}, bias={self.bias is not None}")
 
 
+def kse_layer_cost(name: str, mod: KSEConv2d, out: torch.Tensor) -> LayerCost:
+    """`count_cost`'s rule for a `KSEConv2d` (kind "kse"), registered at import: kept input maps
+    n' each have q_c shared kernels (Q = sum q_c) feeding n_L outputs, so FLOPs =
+    k^2 (f^2 Q + n_L (n' - 1)), one f x f convolution per centroid (f^2 multiply-accumulates per
+    position) plus, per output channel and position, n' - 1 additions fusing the kept maps'
+    results; params = f^2 Q (+ bias); bytes = 4 f^2 Q + the packed kernel-to-centroid indices
+    (`KSEConv2d.index_bytes`). `inputs` is n'."""
+    w = mod.centroids
+    fh, fw = mod.kernel_size
+    ho, wo = int(out.shape[-2]), int(out.shape[-1])
+    n_l, kept, q = mod.out_channels, mod.num_maps, mod.num_centroids
+    params = w.numel() + (mod.bias.numel() if mod.bias is not None else 0)
+    return LayerCost(name, "kse", (ho, wo), n_l, (fh, fw), kept,
+                     ho * wo * (fh * fw * q + n_l * (kept - 1)), params,
+                     4 * w.numel() + mod.index_bytes)
+
+
+register_layer_cost(KSEConv2d, kse_layer_cost)
+
+
 def check_convertible(conv: nn.Module, layer: str) -> None:
     """Raise ValueError unless `conv` is a plain Conv2d that KSE can represent."""
     if isinstance(conv, KSEConv2d):
@@ -365,15 +385,19 @@ def check_convertible(conv: nn.Module, layer: str) -> None:
 
 
 def default_layers(model: nn.Module) -> list[str]:
-    """Every groups=1 Conv2d except those reading the network's input directly (the stem: its
-    few colour maps are left dense, as the KSE authors' CIFAR ResNets do)."""
+    """Every groups=1 Conv2d except the stem: convs with no conv or linear layer between the
+    network's input and them (`graph.is_first_layer`; their few colour maps are left dense, as
+    the KSE authors' CIFAR ResNets do)."""
     gm = graph.trace(model)
-    stem = {str(n.target) for n in gm.graph.nodes
-            if n.op == "call_module" and any(a.op == "placeholder" for a in n.all_input_nodes)}
+    calls: dict[str, list] = {}
+    for n in gm.graph.nodes:
+        if n.op == "call_module":
+            calls.setdefault(str(n.target), []).append(n)
     out = []
     for name, m in model.named_modules():
         if (isinstance(m, nn.Conv2d) and not isinstance(m, surgery.ScatteredConv2d)
-                and m.groups == 1 and m.padding_mode == "zeros" and name not in stem):
+                and m.groups == 1 and m.padding_mode == "zeros"
+                and not any(graph.is_first_layer(gm, n) for n in calls.get(name, []))):
             out.append(name)
     return out
 
@@ -659,30 +683,22 @@ def kse_compress(
     shape = tuple(int(s) for s in input_shape)
     work = surgery.copy_model(model).eval()
     names = resolve_layers(work, layers)
-    show = sys.stderr.isatty() if progress is None else progress
+    show = show_progress(progress)
     before = count_cost(work, shape)
     acc0 = holdout_accuracy(work, eval_data, eval_images, seed) if eval_data is not None else None
     t0 = time.perf_counter()
     modules = dict(work.named_modules())
     done: list[tuple[str, list[float], list[int]]] = []
-    bar = None
-    if show:
-        from tqdm.auto import tqdm
-
-        bar = tqdm(total=len(names), desc="KSE", unit="layer", leave=False)
-    try:
+    with progress_callbacks(show, "KSE", total=len(names), unit="layer", leave=False) as bar:
         for i, name in enumerate(names):
             new, v, q = _compress_conv(modules[name], name, int(G), float(alpha), int(T), int(seed))
             surgery._set_submodule(work, name, new)
             done.append((name, v, q))
-            if bar is not None:
+            if show:
                 bar.update(1)
             else:
                 log.info("KSE %d/%d %s: %d of %d input maps removed, %d centroids for %d kernels",
                          i + 1, len(names), name, q.count(0), len(q), sum(q), len(q) * new.out_channels)
-    finally:
-        if bar is not None:
-            bar.close()
     seconds = time.perf_counter() - t0
     after = count_cost(work, shape)
     report = []

@@ -5,6 +5,13 @@ long line of carriage returns, so there a run writes plain timestamped log lines
 per greedy step, one per scored layer, and a heartbeat every ``--log-interval`` seconds while a
 long computation runs, so a stalled job and a slow one can be told apart from the log alone.
 With several ranks only rank 0 reports progress; other ranks log warnings and errors.
+
+`RunCallbacks` is the run layer's side of `carprune.callbacks`: it shows the step events of the
+compression algorithms (bars or log lines) and answers their "should I stop now?" from the
+preemption flags, agreed across ranks. Whether stderr is a terminal is asked in one place in the
+package, `callbacks.stderr_is_terminal` (`stderr_is_terminal` here calls it); `RunCallbacks` draws
+its bars with the library's `callbacks.ProgressBar`. `log` is the library's logger (`callbacks.log`),
+re-exported: this module gives it its handlers.
 """
 
 from __future__ import annotations
@@ -13,14 +20,21 @@ import logging
 import sys
 import threading
 import time
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from typing import Any
 
-LOGGER_NAME = "carprune"
+from . import callbacks, preempt
+from .callbacks import LOGGER_NAME as LOGGER_NAME  # re-exported: the logger's name
+from .callbacks import Event, ProgressBar, log
+
 MODES = ("auto", "bar", "log", "none")
 
-log = logging.getLogger(LOGGER_NAME)
+
+def stderr_is_terminal() -> bool:
+    """Whether stderr is a terminal (progress bars) rather than a file or pipe (log lines), as
+    `callbacks.stderr_is_terminal` (the package's one place to ask) says."""
+    return callbacks.stderr_is_terminal()
 
 
 def resolve_mode(mode: str, rank: int = 0) -> str:
@@ -28,7 +42,7 @@ def resolve_mode(mode: str, rank: int = 0) -> str:
     if mode not in MODES:
         raise ValueError(f"progress must be one of {', '.join(MODES)}, got {mode!r}")
     if mode == "auto":
-        mode = "bar" if sys.stderr.isatty() else "log"
+        mode = "bar" if stderr_is_terminal() else "log"
     if rank != 0 and mode == "bar":
         mode = "log"
     return mode
@@ -106,52 +120,112 @@ def heartbeat(activity: str, interval: float, enabled: bool = True) -> Iterator[
         th.join()
 
 
-class StepLogger:
-    """Wraps a scorer (as `compress_layer`'s scorer_wrapper does) to log one line per greedy
-    step in batch logs: which filters went, their CAR, how many remain, the step's time.
+class RunCallbacks:
+    """The run layer's `carprune.callbacks.Callbacks`: shows an algorithm's step events and
+    answers its "should I stop now?".
 
-    Everything else is delegated, so greedy compression sees the wrapped scorer unchanged."""
+    Display, by `mode` ('bar', 'log' or 'none', as `resolve_mode` / `progress_mode` give it):
 
-    def __init__(self, scorer: Any, enabled: bool = True, interval: float = 60.0) -> None:
-        self._scorer = scorer
-        self._enabled = enabled
-        self._interval = interval
-        self._last_car: dict[int, float] = {}
+    - 'bar': a tqdm bar per run of an algorithm, described by the event's ``data["label"]``
+      (e.g. "compress conv2"), at ``data["done"]`` of ``data["total"]`` ``data["unit"]``s (else
+      the event's step of its total), with ``data["postfix"]`` (a short text) beside it; an
+      event with ``data["finished"]`` closes it;
+    - 'log': one log line per step (the event's message and the step's time: ``data["seconds"]``
+      when the event reports it, else the time since the previous event; step 0, the start, and
+      the finishing event at debug level) and, every `interval` seconds
+      without an event, a "<label>: still running (<elapsed>)" line, so a stalled job and a slow
+      one can be told apart from the log alone;
+    - 'none': nothing. With `ctx` on a rank other than 0 nothing is shown either.
+
+    `should_stop()` is False unless `preemptible`; then it is whether a stop was requested
+    (SIGTERM/SIGINT through `preempt`'s handlers). Under torchrun (`ctx` with several ranks) the
+    ranks first agree (`distributed.sync_stop`, a collective): algorithms ask at the same step
+    boundary on every rank, so all stop after the same step. Use it as a context manager (or
+    call `close()`): that ends the bar and the heartbeat thread.
+    """
+
+    def __init__(self, mode: str = "none", *, interval: float = 60.0, ctx: Any = None,
+                 preemptible: bool = False) -> None:
+        if mode not in ("bar", "log", "none"):
+            raise ValueError(f"mode must be 'bar', 'log' or 'none', got {mode!r}")
+        self.mode = mode if ctx is None or ctx.is_main else "none"
+        self.interval, self.ctx, self.preemptible = interval, ctx, preemptible
+        self.last_event: Event | None = None
+        self._bar = ProgressBar("", enabled=self.mode == "bar")
+        self._label = ""
         self._t = time.monotonic()
+        self._lock = threading.Lock()
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
 
-    def __getattr__(self, name: str) -> Any:
-        return getattr(self._scorer, name)
-
-    def score(self, filters: Sequence[int] | None = None) -> Any:
-        n = len(self._scorer.alive) if filters is None else len(filters)
-        activity = f"scoring {n} filters of {self._scorer.layer}"
-        with heartbeat(activity, self._interval, self._enabled and n > 0):
-            s = self._scorer.score(filters)
-        if n:
-            self._last_car = {int(f): float(c) for f, c in zip(s.filters.tolist(), s.car.tolist(),
-                                                               strict=True)}
-        return s
-
-    def remove(self, filters: Sequence[int]) -> None:
-        self._scorer.remove(filters)
-        if not self._enabled:
-            return
+    # -- Callbacks ---------------------------------------------------------------------------------
+    def on_event(self, event: Event) -> None:
         now = time.monotonic()
-        cars = [self._last_car.get(int(f)) for f in filters]
-        car = ", ".join(f"{f} (CAR {100 * c:+.2f} pts)" if c is not None else str(f)
-                        for f, c in zip(filters, cars, strict=True))
-        left = len(self._scorer.alive)
-        log.info("%s: removed filter %s; %d of %d left (%s)", self._scorer.layer, car, left,
-                 self._scorer.num_filters, format_seconds(now - self._t))
-        self._t = now
+        data = event.data
+        label = str(data.get("label", event.algorithm))
+        with self._lock:
+            since, self._t = now - self._t, now
+            self._label = label
+            self.last_event = event
+        finished = bool(data.get("finished"))
+        if self.mode == "bar":
+            self._bar.on_event(Event(event.algorithm, event.step, event.message, event.total,
+                                     {**data, "label": label}))
+        elif self.mode == "log":
+            if event.step == 0 or finished:
+                log.debug("%s", event.message)
+            else:
+                took = data.get("seconds")
+                log.info("%s (%s)", event.message, format_seconds(since)
+                         if not isinstance(took, (int, float)) else
+                         f"{took:.2f}s" if took < 60 else format_seconds(took))
+            if finished:
+                self._end_heartbeat()
+            elif self._thread is None and self.interval > 0:
+                self._stop.clear()
+                self._thread = threading.Thread(target=self._beat, name="carprune-heartbeat",
+                                                daemon=True)
+                self._thread.start()
+
+    def should_stop(self) -> bool:
+        if not self.preemptible:
+            return False
+        if self.ctx is not None:
+            from .distributed import sync_stop
+
+            return sync_stop(self.ctx)
+        return preempt.stop_requested()
+
+    # -- display -----------------------------------------------------------------------------------
+    def _beat(self) -> None:
+        while not self._stop.wait(self.interval):
+            with self._lock:
+                label, since = self._label, time.monotonic() - self._t
+            log.info("%s: still running (%s elapsed)", label, format_seconds(since))
+
+    def _end_heartbeat(self) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join()
+            self._thread = None
+
+    def close(self) -> None:
+        """End the bar and the heartbeat thread (the callbacks can be used again after)."""
+        self._bar.close()
+        self._end_heartbeat()
+
+    def __enter__(self) -> RunCallbacks:
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
 
 
 def progress_mode(progress: bool | None) -> str:
     """A library function's `progress` argument as a mode: True 'bar', False 'none', None 'bar'
-    on a terminal and 'none' otherwise (a library call writes no log lines unless asked)."""
-    if progress is None:
-        return "bar" if sys.stderr.isatty() else "none"
-    return "bar" if progress else "none"
+    on a terminal and 'none' otherwise (a library call writes no log lines unless asked), as
+    `callbacks.show_progress` decides it for the library."""
+    return "bar" if callbacks.show_progress(progress) else "none"
 
 
 def _fmt_info(info: Mapping[str, Any]) -> str:

@@ -1,6 +1,9 @@
-"""Cooperative preemption: a signal handler only sets a flag; long loops check it between
-steps, write their checkpoint and raise `Preempted`, so a batch job killed by its scheduler
-(SIGTERM) or a user (SIGINT) can be resumed with the same command."""
+"""Cooperative preemption: a signal handler only sets a flag; the run layer reads it where an
+algorithm asks whether to stop (`logging_utils.RunCallbacks.should_stop`, after each complete
+checkpoint; agreed across ranks by `distributed.sync_stop`), the algorithm raises
+`callbacks.Stopped`, and the command exits with `EXIT_PREEMPTED`, so a batch job killed by its
+scheduler (SIGTERM) or a user (SIGINT) can be resumed with the same command. `check` and
+`Preempted` are the older form of the same stop, for loops that read the flag themselves."""
 
 from __future__ import annotations
 

@@ -21,6 +21,8 @@ from __future__ import annotations
 import hashlib
 import json
 import zipfile
+from collections.abc import Mapping
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -41,14 +43,23 @@ def options() -> list:
     ]
 
 
-def run(settings: dict[str, Any], ctx: Any, run: Any, mode: str) -> int:
-    if not settings.get("path"):
-        from ..config import ConfigError
+@dataclass(frozen=True, kw_only=True)
+class Settings:
+    path: str | None
+    json: bool
 
-        raise ConfigError("inspect needs the PATH of a .cpz file or an output directory, e.g. "
-                          "carprune inspect out/dc/model.cpz")
-    doc = inspect_path(Path(settings["path"]))
-    print(json.dumps(doc, indent=1) if settings["json"] else render(doc), flush=True)
+    def __post_init__(self) -> None:
+        if not self.path:
+            raise ValueError("inspect needs the PATH of a .cpz file or an output directory, e.g. "
+                             "carprune inspect out/dc/model.cpz")
+
+
+def run(settings: Mapping[str, Any], ctx: Any, run: Any, mode: str) -> int:
+    from ..config import settings_object
+
+    s = settings_object(Settings, settings)
+    doc = inspect_path(Path(s.path))
+    print(json.dumps(doc, indent=1) if s.json else render(doc), flush=True)
     return 0
 
 
@@ -169,20 +180,20 @@ def _accuracies(d: Path, contents: str) -> list[dict[str, Any]]:
     """The accuracies a run recorded, each with the images it was measured on."""
     out: list[dict[str, Any]] = []
     if contents in ("compress", "finetune") and (d / "result.json").is_file():
-        r = _json(d / "result.json")
-        traj, cfg = r["trajectory"], r.get("config") or {}
-        first = traj[0]
-        last = next((st for st in traj if st["kept"] == len(r["kept"])), traj[-1])
-        hold = first.get("holdout_accuracy") is not None
-        key = "holdout_accuracy" if hold else "score_accuracy"
-        out.append({"what": f"{r['layer']} before -> after compression",
+        from ..greedy import CompressionResult
+
+        r = CompressionResult.from_dict(_json(d / "result.json"), None)
+        cfg = r.config or {}
+        first, last = r.trajectory[0], r.final_step
+        hold = first.accuracy_on == "hold-out"
+        out.append({"what": f"{r.layer} before -> after compression",
                     "images": (f"{cfg['eval_images']:,} hold-out images" if hold and
                                cfg.get("eval_images") else "hold-out images" if hold else
                                f"{cfg.get('score_images', '?')} scoring images"),
-                    "before": first[key], "after": last[key]})
-        if r.get("finetuned_holdout_accuracy") is not None:
-            out.append({"what": f"{r['layer']} after fine-tuning", "images": "hold-out images",
-                        "before": last[key], "after": r["finetuned_holdout_accuracy"]})
+                    "before": first.accuracy, "after": last.accuracy})
+        if r.finetuned_holdout_accuracy is not None:
+            out.append({"what": f"{r.layer} after fine-tuning", "images": "hold-out images",
+                        "before": last.accuracy, "after": r.finetuned_holdout_accuracy})
     if (d / "finetune.json").is_file():
         r = _json(d / "finetune.json")
         if r.get("accuracy_before") is not None:

@@ -2,7 +2,8 @@
 (images, labels) of tensors or numpy arrays, any map-style torch Dataset of (image, label) items
 (a Subset or ConcatDataset of one included), or a DataLoader over any of these.
 
-A DataLoader is read through its dataset by index: scoring picks its own seeded subset, so the
+A DataLoader is read through its dataset by index: scoring and evaluation pick their own seeded
+subsets and batches, and training (`training.train`) draws its own seeded batches, so the
 loader's batch size, sampler and shuffling do not matter. A loader with its own collate_fn, or
 over an IterableDataset, is iterated once and held in memory as a pair of tensors.
 """
@@ -18,7 +19,7 @@ import torch
 from torch.utils.data import ConcatDataset, DataLoader, IterableDataset, Subset
 from torch.utils.data._utils.collate import default_collate
 
-from ..logging_utils import log
+from ..callbacks import log
 from .arrays import ImageArrayDataset
 
 DataLike = Any  # ImageArrayDataset | (images, labels) | torch Dataset | DataLoader

@@ -13,8 +13,8 @@ from pathlib import Path
 
 import numpy as np
 
+from ..callbacks import log
 from ..io import atomic_open
-from ..logging_utils import log
 
 CACHE_VARIABLE = "CARPRUNE_CACHE"
 _announced: set[Path] = set()

@@ -8,12 +8,16 @@ Layout (all integers little-endian)::
 
 The first section, ``header``, is JSON: format version, architecture name, and per compressed
 layer its shape, dtype, bit widths, entry counts and exact bit lengths of the two streams; it
-also lists the uncompressed tensors. Then, per layer, five sections ``<layer>/codebook``
-(float32 shared values), ``<layer>/weights.huffman`` and ``<layer>/weights`` (cluster
-indices), ``<layer>/indices.huffman`` and ``<layer>/indices`` (relative index differences);
-finally ``rest``: every other state_dict tensor as raw bytes. The header fixes the expected
-sequence of sections, so truncation, alteration, reordering or trailing bytes all raise a
-:class:`CorruptFileError` naming the section instead of yielding wrong weights.
+also lists the uncompressed tensors and (version 2) ``structure``: for a network `surgery`
+pruned, `surgery.pruned_structure` (what `save_pruned` writes to structure.json: the original
+positions each narrowed module keeps), else null, so the network can be rebuilt from its
+original architecture. Version 1 files (no ``structure``) are still read. Then, per layer, five
+sections ``<layer>/codebook`` (float32 shared values), ``<layer>/weights.huffman`` and
+``<layer>/weights`` (cluster indices), ``<layer>/indices.huffman`` and ``<layer>/indices``
+(relative index differences); finally ``rest``: every other state_dict tensor as raw bytes.
+The header fixes the expected sequence of sections, so truncation, alteration, reordering or
+trailing bytes all raise a :class:`CorruptFileError` naming the section instead of yielding
+wrong weights.
 """
 
 from __future__ import annotations
@@ -31,11 +35,13 @@ import torch
 from bitarray import bitarray
 
 from ..io import atomic_open
+from ..surgery import check_structure
 from .huffman import HuffmanTable, huffman_decode, huffman_encode
 from .sparse import decode_relative, encode_relative
 
 MAGIC = b"CPZ\x00"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
+READABLE_VERSIONS = (1, 2)  # version 1: no pruned structure in the header
 PREAMBLE = MAGIC + struct.pack("<H", FORMAT_VERSION)
 LAYER_SECTIONS = ("codebook", "weights.huffman", "weights", "indices.huffman", "indices")
 
@@ -220,6 +226,9 @@ class CompressedModel:
     arch: str
     layers: list[EncodedLayer]
     rest: dict[str, torch.Tensor] = field(default_factory=dict)
+    # `surgery.pruned_structure` of a network surgery pruned; None: not pruned (or version 1)
+    structure: dict[str, Any] | None = None
+    version: int = FORMAT_VERSION  # of the file it was read from (written: always the current)
 
     def header(self) -> dict[str, Any]:
         return {
@@ -228,6 +237,7 @@ class CompressedModel:
             "arch": self.arch,
             "layers": [layer.meta() for layer in self.layers],
             "rest": [[k, str(t.dtype)[6:], list(t.shape)] for k, t in self.rest.items()],
+            "structure": self.structure,
         }
 
     def sections(self) -> list[tuple[str, bytes]]:
@@ -315,11 +325,11 @@ class _Reader:
         if len(d) < len(PREAMBLE) or bytes(d[:4]) != MAGIC:
             raise CorruptFileError("preamble", "not a carprune .cpz file (bad magic)")
         (version,) = struct.unpack_from("<H", d, 4)
-        if version != FORMAT_VERSION:
+        if version not in READABLE_VERSIONS:
             raise CorruptFileError(
                 "preamble",
-                f"unsupported format version {version} "
-                f"(this carprune reads version {FORMAT_VERSION})",
+                f"unsupported format version {version} (this carprune reads versions "
+                f"{', '.join(map(str, READABLE_VERSIONS))}; a newer carprune wrote it?)",
             )
         self.pos = len(PREAMBLE)
         try:
@@ -328,6 +338,9 @@ class _Reader:
                 raise ValueError("format name or version differs from the preamble")
             layer_meta = header["layers"]
             rest_meta = header["rest"]
+            structure = header["structure"] if version >= 2 else None
+            if structure is not None:
+                check_structure(structure, "its pruned structure")
         except CorruptFileError:
             raise
         except (ValueError, KeyError, TypeError, AttributeError) as e:
@@ -339,7 +352,8 @@ class _Reader:
             raise CorruptFileError(
                 "rest", f"{len(d) - self.pos} unexpected bytes after the last section"
             )
-        return CompressedModel(arch=str(header.get("arch", "")), layers=layers, rest=rest)
+        return CompressedModel(arch=str(header.get("arch", "")), layers=layers, rest=rest,
+                               structure=structure, version=version)
 
     def _layer(self, meta: dict[str, Any]) -> EncodedLayer:
         try:

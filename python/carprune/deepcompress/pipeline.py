@@ -13,20 +13,19 @@ import json
 import math
 import os
 import time
-from collections.abc import Callable, Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
-import torch.nn.functional as F
 from torch import nn
-from torch.utils.data import DataLoader, TensorDataset
 
-from ..data.batches import num_items
-from ..data.batches import resolve as resolve_data
-from ..logging_utils import PhaseProgress, log, progress_mode
+from .. import surgery
+from ..callbacks import Callbacks, Event, log
+from ..data.batches import DataLike, num_items
+from ..evaluate import accuracy
+from ..training import Schedule, train
 from .fileformat import CompressedModel, EncodedLayer, section_overhead, write_atomic
 from .layers import check_bits, compressible_layers, layer_kind, resolve, select_layers
 from .prune import PruneSpec, apply_mask, magnitude_mask, parse_prune
@@ -36,8 +35,6 @@ DEFAULT_PRUNE: dict[str, float] = {"conv": 0.6, "linear": 0.9}
 DEFAULT_BITS: dict[str, int] = {"conv": 8, "linear": 5}
 DEFAULT_INDEX_BITS: dict[str, int] = {"conv": 8, "linear": 5}
 DEFAULT_WARN_DROP = 0.02  # accuracy (a fraction: 2 points) a phase may lose before a warning
-
-Data = Any  # a Dataset, DataLoader, or (images, labels) pair: carprune.data.batches.DataLike
 
 # on_progress(phase, done, total, info): phase is one of PHASES; done of total steps (layers for
 # prune / quantise / encode, iterations for the two trainings, 0 then 1 for an evaluation);
@@ -216,34 +213,62 @@ def read_compressed(path: str | os.PathLike[str]) -> CompressedModel:
     return CompressedModel.from_bytes(Path(path).read_bytes())
 
 
+def _structure_of(model: nn.Module) -> dict[str, Any] | None:
+    """`surgery.pruned_structure(model)` when `surgery` narrowed any of its modules, else None."""
+    if not any(hasattr(m, surgery.LINEAGE_ATTR) for m in model.modules()):
+        return None
+    return surgery.pruned_structure(model)
+
+
 def load_compressed(
     path: str | os.PathLike[str], architecture: nn.Module | Callable[[], nn.Module]
 ) -> nn.Module:
-    """Load a ``.cpz`` file into ``architecture`` (a module, filled in place, or a factory).
+    """Load a ``.cpz`` file into ``architecture`` (a module, or a factory of one); returns the
+    model.
 
-    The architecture must have exactly the file's tensors with the same shapes (for a
-    CAR-shrunk model, build the shrunk architecture); otherwise ``ValueError`` names the first
-    mismatch. Corrupt files raise :class:`CorruptFileError` naming the section.
+    A file that records a pruned structure (format version 2: `deep_compress` of a network
+    `surgery` pruned) takes the ORIGINAL architecture: a copy is narrowed as the structure says
+    (`surgery.apply_structure`, as `surgery.load_pruned` does), then the weights are loaded; an
+    architecture that already has exactly that structure is filled in place. Otherwise (nothing
+    pruned, or a version 1 file, which never recorded it) the architecture must have exactly
+    the file's tensors with the same shapes and is filled in place: a network shrunk by other
+    means needs its shrunk architecture. A mismatch raises ``ValueError`` naming the first
+    difference; corrupt files raise :class:`CorruptFileError` naming the section.
     """
     cm = read_compressed(path)
     model = architecture if isinstance(architecture, nn.Module) else architecture()
     if not isinstance(model, nn.Module):
         raise TypeError(f"architecture must be an nn.Module or return one, got {type(model)}")
+    if cm.structure is not None:
+        have = _structure_of(model)
+        if have is None:
+            try:
+                model = surgery.apply_structure(model, cm.structure)
+            except ValueError as exc:
+                raise ValueError(f"{os.fspath(path)!r}: {exc}") from exc
+        elif have != cm.structure:
+            raise ValueError(
+                f"architecture {type(model).__name__} is pruned differently from "
+                f"{os.fspath(path)!r} (its pruned layers: {sorted(have['layers'])}; the file's: "
+                f"{sorted(cm.structure['layers'])}): pass the original, unpruned architecture, "
+                "and the file's structure is re-applied to it")
     state = cm.state_dict()
     own = model.state_dict()
     missing = [k for k in own if k not in state]
     extra = [k for k in state if k not in own]
+    old = (f" (a version {cm.version} file records no pruned structure: for a pruned network "
+           "pass the pruned architecture)" if cm.version < 2 else "")
     if missing or extra:
         raise ValueError(
             f"architecture {type(model).__name__} does not match {os.fspath(path)!r} "
             f"(file arch {cm.arch!r}): missing in file {missing[:5]}, not in architecture "
-            f"{extra[:5]}"
+            f"{extra[:5]}{old}"
         )
     for k, t in state.items():
         if tuple(own[k].shape) != tuple(t.shape):
             raise ValueError(
                 f"architecture {type(model).__name__} does not match {os.fspath(path)!r}: "
-                f"{k} has shape {tuple(own[k].shape)}, the file holds {tuple(t.shape)}"
+                f"{k} has shape {tuple(own[k].shape)}, the file holds {tuple(t.shape)}{old}"
             )
         if own[k].dtype != t.dtype:
             raise ValueError(f"{k}: architecture dtype {own[k].dtype}, file dtype {t.dtype}")
@@ -254,63 +279,11 @@ def load_compressed(
 # ----------------------------------------------------------------------------- training
 
 
-def _device(model: nn.Module) -> torch.device:
-    p = next(model.parameters(), None)
-    return p.device if p is not None else torch.device("cpu")
+def _reporter(on_progress: ProgressCallback | None) -> ProgressCallback:
+    return on_progress if on_progress is not None else (lambda phase, done, total, info: None)
 
 
-def _loader(data: Data, batch_size: int, shuffle: bool, seed: int) -> DataLoader:
-    if isinstance(data, DataLoader):
-        return data
-    data = resolve_data(data)
-    if isinstance(data, tuple):  # (images, labels) of tensors or numpy arrays
-        data = TensorDataset(*data)
-    gen = torch.Generator().manual_seed(seed)
-    return DataLoader(data, batch_size=batch_size, shuffle=shuffle, generator=gen)
-
-
-def _cycle(loader: DataLoader) -> Iterator[Any]:
-    while True:
-        empty = True
-        for batch in loader:
-            empty = False
-            yield batch
-        if empty:
-            raise ValueError("train_data yields no batch")
-
-
-def _reporter(on_progress: ProgressCallback | None, progress: bool | None
-              ) -> tuple[ProgressCallback, PhaseProgress | None]:
-    """The callback to report through: `on_progress` if given, else bars per
-    `logging_utils.progress_mode(progress)` (a PhaseProgress the caller closes), else nothing."""
-    if on_progress is not None:
-        return on_progress, None
-    mode = progress_mode(progress)
-    if mode == "none":
-        return (lambda phase, done, total, info: None), None
-    bars = PhaseProgress(mode)
-    return bars, bars
-
-
-@torch.no_grad()
-def accuracy(model: nn.Module, data: Data, batch_size: int = 256) -> float:
-    """Top-1 accuracy of ``model`` (in eval mode) on ``data`` of (image, label) pairs."""
-    was_training = model.training
-    model.eval()
-    device = _device(model)
-    correct = total = 0
-    for x, y in _loader(data, batch_size, shuffle=False, seed=0):
-        y = torch.as_tensor(y).to(device)
-        pred = model(x.to(device)).argmax(1)
-        correct += int((pred == y).sum())
-        total += int(y.numel())
-    model.train(was_training)
-    if total == 0:
-        raise ValueError("eval_data is empty")
-    return correct / total
-
-
-@dataclass
+@dataclass(frozen=True)
 class TrainConfig:
     """Fine-tuning settings shared by the retraining after pruning and the codebook tuning."""
 
@@ -330,60 +303,35 @@ class TrainConfig:
         if not self.lr > 0 or self.batch_size < 1:
             raise ValueError(f"need lr > 0 and batch_size >= 1, got {self.lr}, {self.batch_size}")
 
+    def schedule(self, iters: int) -> Schedule:
+        """`iters` steps of the training loop on shuffled passes over the data (drawn as a
+        seeded shuffling DataLoader draws them), BatchNorm statistics frozen (fine-tuning
+        batches are small, their statistics would be noise)."""
+        return Schedule(iters=iters, batch_size=self.batch_size, lr=self.lr,
+                        optimizer=self.optimizer, momentum=self.momentum,
+                        weight_decay=self.weight_decay, seed=self.seed, sampling="loader",
+                        mode="frozen_bn")
 
-def _train(
-    model: nn.Module,
-    data: Data,
-    iters: int,
-    params: list[torch.Tensor],
-    needs_grad: Iterable[torch.Tensor],
-    cfg: TrainConfig,
-    after_backward: Callable[[], None],
-    after_step: Callable[[], None],
-    on_step: Callable[[int, float], None],
-) -> float:
-    """``iters`` steps of cross-entropy training on ``params``; BatchNorm stays in eval mode
-    (fine-tuning batches are small, their statistics would be noise). After each step
-    ``on_step(steps done, running loss)``. Returns the mean loss of the last 10 % of steps."""
-    device = _device(model)
-    if cfg.optimizer == "sgd":
-        opt: torch.optim.Optimizer = torch.optim.SGD(
-            params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay
-        )
-    else:
-        opt = torch.optim.Adam(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
-    flags = {p: p.requires_grad for p in model.parameters()}
-    grad_set = {id(t) for t in needs_grad}
-    for p in model.parameters():
-        p.requires_grad_(id(p) in grad_set)
-    was_training = model.training
-    model.train()
-    for m in model.modules():
-        if isinstance(m, nn.modules.batchnorm._BatchNorm):
-            m.eval()
-    losses: list[float] = []
-    batches = _cycle(_loader(data, cfg.batch_size, shuffle=True, seed=cfg.seed))
-    try:
-        running = math.nan
-        for i in range(iters):
-            x, y = next(batches)
-            model.zero_grad(set_to_none=True)
-            opt.zero_grad(set_to_none=True)
-            loss = F.cross_entropy(model(x.to(device)), torch.as_tensor(y).to(device))
-            loss.backward()
-            after_backward()
-            opt.step()
-            after_step()
-            losses.append(float(loss.detach()))
-            running = losses[-1] if i == 0 else 0.9 * running + 0.1 * losses[-1]
-            on_step(i + 1, running)
-    finally:
-        model.zero_grad(set_to_none=True)
-        for p, flag in flags.items():
-            p.requires_grad_(flag)
-        model.train(was_training)
-    tail = losses[-max(1, len(losses) // 10) :]
-    return float(np.mean(tail)) if tail else math.nan
+
+def _run(model: nn.Module, data: DataLike, iters: int, cfg: TrainConfig, params: list[torch.Tensor],
+         trainable: list[torch.Tensor], after_backward: Callable[[], None],
+         after_step: Callable[[], None], phase: str, report: ProgressCallback,
+         callbacks: Callbacks | None) -> float:
+    """`iters` steps of `training.train` (cross-entropy) on `params`; after each step
+    ``report(phase, step, iters, {"loss": running mean})``. Returns the mean loss of the last
+    10 % of steps."""
+    running = math.nan
+
+    def step_done(step: int, loss: float) -> None:
+        nonlocal running
+        after_step()
+        running = loss if step == 1 else 0.9 * running + 0.1 * loss
+        report(phase, step, iters, {"loss": running})
+
+    report(phase, 0, iters, {})
+    return train(model, data, cfg.schedule(iters), params=params, trainable=trainable,
+                 after_backward=after_backward, after_step=step_done, callbacks=callbacks,
+                 name="deep-compress", phase=phase).final_loss
 
 
 def _layer_params(
@@ -404,18 +352,21 @@ def _layer_params(
 def retrain_pruned(
     model: nn.Module,
     masks: Mapping[str, torch.Tensor],
-    train_data: Data,
+    train_data: DataLike,
     iters: int,
     cfg: TrainConfig | None = None,
     *,
     progress: bool | None = None,
     on_progress: ProgressCallback | None = None,
+    callbacks: Callbacks | None = None,
 ) -> float:
     """Retrain ``model`` in place with the pruned weights (``masks[layer]`` False) held at
     exactly zero: their gradients are masked before and the masks re-applied after every
     step, so neither momentum nor weight decay can revive them. Returns the final loss.
-    Progress goes to ``on_progress("retrain", step, iters, {"loss": ...})``, or to bars
-    (``progress``: True, or None on a terminal)."""
+    Progress goes to ``on_progress("retrain", step, iters, {"loss": ...})`` and, per epoch,
+    to ``callbacks.on_event``; ``progress`` is accepted for existing callers and has no
+    effect (the run layer draws progress)."""
+    del progress
     cfg = cfg or TrainConfig()
     weights, others = _layer_params(model, masks, cfg.train_scope)
 
@@ -429,14 +380,8 @@ def retrain_pruned(
             apply_mask(w, masks[n])
 
     params = list(weights.values()) + others
-    report, bars = _reporter(on_progress, progress)
-    report("retrain", 0, iters, {})
-    try:
-        return _train(model, train_data, iters, params, params, cfg, mask_grads, remask,
-                      lambda i, loss: report("retrain", i, iters, {"loss": loss}))
-    finally:
-        if bars is not None:
-            bars.close()
+    return _run(model, train_data, iters, cfg, params, params, mask_grads, remask, "retrain",
+                _reporter(on_progress), callbacks)
 
 
 def finetune_codebooks(
@@ -444,17 +389,19 @@ def finetune_codebooks(
     masks: Mapping[str, torch.Tensor],
     codebooks: Mapping[str, torch.Tensor],
     labels: Mapping[str, torch.Tensor],
-    train_data: Data,
+    train_data: DataLike,
     iters: int,
     cfg: TrainConfig | None = None,
     *,
     progress: bool | None = None,
     on_progress: ProgressCallback | None = None,
+    callbacks: Callbacks | None = None,
 ) -> dict[str, torch.Tensor]:
     """Trained quantisation (Han et al. section 3.3): the gradient of each shared value is the
     sum of the gradients of the weights in its cluster; after each step every layer's weights
     are rewritten from its codebook, pruned ones as zero. Returns the tuned codebooks.
     Progress as `retrain_pruned`, phase "fine-tune shared values"."""
+    del progress
     cfg = cfg or TrainConfig()
     weights, others = _layer_params(model, masks, cfg.train_scope)
     positions = {n: mk.reshape(-1).nonzero().squeeze(1) for n, mk in masks.items()}
@@ -475,15 +422,9 @@ def finetune_codebooks(
                 cents[n].copy_(cents[n].to(w.dtype).to(torch.float32))  # representable values
                 write_shared(w, positions[n], cents[n], labels[n])
 
-    report, bars = _reporter(on_progress, progress)
-    report("fine-tune shared values", 0, iters, {})
-    try:
-        _train(model, train_data, iters, list(cents.values()) + others,
-               list(weights.values()) + others, cfg, cluster_grads, rewrite,
-               lambda i, loss: report("fine-tune shared values", i, iters, {"loss": loss}))
-    finally:
-        if bars is not None:
-            bars.close()
+    _run(model, train_data, iters, cfg, list(cents.values()) + others,
+         list(weights.values()) + others, cluster_grads, rewrite, "fine-tune shared values",
+         _reporter(on_progress), callbacks)
     return {n: c.detach() for n, c in cents.items()}
 
 
@@ -506,8 +447,8 @@ def _iters(finetune_iters: int | tuple[int, int]) -> tuple[int, int]:
 
 def deep_compress(
     model: nn.Module,
-    train_data: Data | None = None,
-    eval_data: Data | None = None,
+    train_data: DataLike | None = None,
+    eval_data: DataLike | None = None,
     *,
     layers: Iterable[str] | str | None = None,
     prune: Any = None,
@@ -525,6 +466,7 @@ def deep_compress(
     inplace: bool = False,
     warn_drop: float | None = DEFAULT_WARN_DROP,
     on_progress: ProgressCallback | None = None,
+    callbacks: Callbacks | None = None,
     progress: bool | None = None,
 ) -> DeepCompressionResult:
     """Deep-compress the conv/linear layers of ``model`` (all, or those named in ``layers``).
@@ -535,7 +477,13 @@ def deep_compress(
     ``{"quality": q}`` (prune |w| <= q * std(w)) or ``{"sparsity": s}``. ``finetune_iters``
     (an int, or a pair for the two phases) steps of ``train_data`` retrain after pruning, with
     pruned weights held at zero, and then fine-tune the shared values. ``eval_data`` adds the
-    accuracy after each stage to the report. The model is copied unless ``inplace``.
+    accuracy after each stage to the report (`evaluate.accuracy`). Data of any form
+    `data.batches` reads; a DataLoader is read through its dataset (batches of ``batch_size``
+    drawn by the seeded loop, `training.train`). The model is copied unless ``inplace``.
+
+    A CAR-pruned model's structure (`surgery.pruned_structure`: the original positions each
+    narrowed module keeps) is recorded in the result and the ``.cpz`` file, so
+    `load_compressed` rebuilds the network from the original architecture.
 
     Retraining budget: on the whole pretrained ResNet-20 at the defaults, hold-out accuracy went
     81.35 % -> 55.45 % without retraining, 74.10 % with (20, 10) iterations and 81.05 % with
@@ -545,8 +493,11 @@ def deep_compress(
     or both together) that loses more than this much accuracy (a fraction; 0.02 = 2 points) is
     logged as a warning and listed in ``report.warnings``; None: no check.
     on_progress: called as ``on_progress(phase, done, total, info)`` through every phase (see
-    ``PHASES``); without it ``progress`` (True, or None on a terminal) shows bars.
+    ``PHASES``). callbacks: ``on_event`` per training epoch (algorithm "deep-compress", the
+    phase in ``data``) and per accuracy measured. ``progress`` is accepted for existing callers
+    and has no effect: the run layer draws progress from these callbacks.
     """
+    del progress
     prune_iters, quant_iters = _iters(finetune_iters)
     cfg = TrainConfig(lr, optimizer, momentum, weight_decay, batch_size, seed, train_scope)
     if (prune_iters or quant_iters) and train_data is None:
@@ -557,21 +508,16 @@ def deep_compress(
         raise ValueError(f"warn_drop is an accuracy drop in [0, 1) (0.02 = 2 points), got "
                          f"{warn_drop}")
 
-    report, bars = _reporter(on_progress, progress)
-    try:
-        return _deep_compress(model, train_data, eval_data, layers, prune, bits, index_bits,
-                              prune_iters, quant_iters, cfg, kmeans_iters, inplace, warn_drop,
-                              report)
-    finally:
-        if bars is not None:
-            bars.close()
+    return _deep_compress(model, train_data, eval_data, layers, prune, bits, index_bits,
+                          prune_iters, quant_iters, cfg, kmeans_iters, inplace, warn_drop,
+                          _reporter(on_progress), callbacks)
 
 
-def _deep_compress(model: nn.Module, train_data: Data | None, eval_data: Data | None,
+def _deep_compress(model: nn.Module, train_data: DataLike | None, eval_data: DataLike | None,
                    layers: Iterable[str] | str | None, prune: Any, bits: Any, index_bits: Any,
                    prune_iters: int, quant_iters: int, cfg: TrainConfig, kmeans_iters: int,
-                   inplace: bool, warn_drop: float | None, report: ProgressCallback
-                   ) -> DeepCompressionResult:
+                   inplace: bool, warn_drop: float | None, report: ProgressCallback,
+                   callbacks: Callbacks | None) -> DeepCompressionResult:
     m = model if inplace else copy.deepcopy(model)
     everything = compressible_layers(m)
     selected = select_layers(m, layers)
@@ -596,8 +542,15 @@ def _deep_compress(model: nn.Module, train_data: Data | None, eval_data: Data | 
             acc[name] = None
             return
         report("evaluate", 0, 1, {"stage": name})
-        acc[name] = accuracy(m, eval_data, max(cfg.batch_size, 256))
+        acc[name] = accuracy(m, eval_data, batch_size=max(cfg.batch_size, 256))
         report("evaluate", 1, 1, {"stage": name, "accuracy": acc[name]})
+        if callbacks is not None:
+            measured = [k for k, v in acc.items() if v is not None]
+            callbacks.on_event(Event("deep-compress", len(measured),
+                                     f"deep compression: stage {name}, accuracy "
+                                     f"{100 * acc[name]:.2f} %",
+                                     data={"phase": "evaluate", "stage": name,
+                                           "accuracy": acc[name]}))
 
     stage("original")
 
@@ -613,7 +566,8 @@ def _deep_compress(model: nn.Module, train_data: Data | None, eval_data: Data | 
     stage("pruned")
     if prune_iters:
         t0 = time.perf_counter()
-        retrain_pruned(m, masks, train_data, prune_iters, cfg, on_progress=report)
+        retrain_pruned(m, masks, train_data, prune_iters, cfg, on_progress=report,
+                       callbacks=callbacks)
         seconds["retrain"] = time.perf_counter() - t0
         stage("pruned+retrained")
 
@@ -634,7 +588,8 @@ def _deep_compress(model: nn.Module, train_data: Data | None, eval_data: Data | 
     if quant_iters:
         t0 = time.perf_counter()
         codebooks = finetune_codebooks(
-            m, masks, codebooks, labels, train_data, quant_iters, cfg, on_progress=report
+            m, masks, codebooks, labels, train_data, quant_iters, cfg, on_progress=report,
+            callbacks=callbacks,
         )
         seconds["finetune"] = time.perf_counter() - t0
         stage("quantized+finetuned")
@@ -657,7 +612,8 @@ def _deep_compress(model: nn.Module, train_data: Data | None, eval_data: Data | 
     state = m.state_dict()
     weight_keys = {f"{n}.weight" if n else "weight" for n in weights}
     rest = {k: t.detach().cpu().clone() for k, t in state.items() if k not in weight_keys}
-    cm = CompressedModel(arch=type(m).__name__, layers=encoded, rest=rest)
+    cm = CompressedModel(arch=type(m).__name__, layers=encoded, rest=rest,
+                         structure=_structure_of(m))
     data = cm.to_bytes()
     seconds["encode"] = time.perf_counter() - t0
     report("encode", len(names), len(names) + 1, {"layer": "(decode check)"})

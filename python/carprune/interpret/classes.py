@@ -7,17 +7,15 @@ network against the original shows which categories a compression costs.
 
 from __future__ import annotations
 
-import sys
 from dataclasses import asdict, dataclass
 
 import numpy as np
-import torch
 from torch import nn
 
-from ..data.batches import DataLike, load_batch, num_items, pick_indices
-from ..engine import parse_bytes
+from ..callbacks import progress_callbacks
+from ..data.batches import DataLike, num_items, pick_indices
+from ..evaluate import class_correct
 from ..scores import LayerScores, ranked_classes, shortfall_note
-from .patches import batch_rows
 
 
 @dataclass
@@ -107,50 +105,15 @@ class ClassAccuracy:
         return cls(**d)
 
 
-def _rows(model: nn.Module, x0: torch.Tensor, budget: int) -> int:
-    """Images per batch so that the largest activations of a batch stay within `budget`."""
-    sizes: list[int] = []
-    hooks = [m.register_forward_hook(lambda m, i, o: sizes.append(
-        o[0].numel() * o.element_size() if isinstance(o, torch.Tensor) and o.dim() else 0))
-        for m in model.modules() if not list(m.children())]
-    try:
-        with torch.no_grad():
-            model(x0)
-    finally:
-        for h in hooks:
-            h.remove()
-    per_image = sum(sizes) + x0[0].numel() * x0.element_size()
-    return batch_rows(per_image, budget, 4096)
-
-
 def per_class_correct(model: nn.Module, data: DataLike, indices: np.ndarray, num_classes: int,
                       memory_budget: int | str | None = None, progress: bool | None = None
                       ) -> tuple[np.ndarray, np.ndarray]:
-    """(correct [K], totals [K]) of top-1 predictions of `model` over data[indices]."""
-    from tqdm.auto import tqdm
-
-    model = model.eval()
-    params = list(model.parameters())
-    dev = params[0].device if params else torch.device("cpu")
-    x0, _ = load_batch(data, indices[:1])
-    rows = _rows(model, x0.to(dev, torch.float32), parse_bytes(memory_budget))
-    correct = np.zeros(num_classes, dtype=np.int64)
-    totals = np.zeros(num_classes, dtype=np.int64)
-    show = sys.stderr.isatty() if progress is None else progress
-    with torch.no_grad(), tqdm(total=len(indices), desc="class accuracy", unit="img", leave=False,
-                               disable=not show) as bar:
-        for s in range(0, len(indices), rows):
-            x, y = load_batch(data, indices[s:s + rows])
-            logits = model(x.to(dev, torch.float32))
-            if logits.dim() != 2 or logits.shape[1] != num_classes:
-                raise ValueError(f"the model must return logits [batch, {num_classes}], got "
-                                 f"{tuple(logits.shape)}")
-            ok = (logits.argmax(1).cpu() == y).numpy()
-            yn = y.numpy()
-            totals += np.bincount(yn, minlength=num_classes)
-            correct += np.bincount(yn[ok], minlength=num_classes)
-            bar.update(len(y))
-    return correct, totals
+    """(correct [K], totals [K]) of top-1 predictions of `model` over data[indices]
+    (`evaluate.class_correct`)."""
+    with progress_callbacks(progress, "class accuracy", total=len(indices), unit="img",
+                            leave=False) as bar:
+        return class_correct(model, data, indices, num_classes=num_classes,
+                             memory_budget=memory_budget, callbacks=bar)
 
 
 def class_accuracy(original: nn.Module, compressed: nn.Module, data: DataLike, classes: list[str], *,

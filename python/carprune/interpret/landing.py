@@ -22,25 +22,23 @@ def read_output(d: Path) -> dict[str, Any]:
     """One output directory (compress, score or deep-compress) as a row of key figures."""
     d = Path(d)
     if (d / "result.json").is_file():
-        r = read_json(d / "result.json", "compress result")
-        traj = r["trajectory"]
-        first = traj[0]
-        last = next((st for st in traj if st["kept"] == len(r["kept"])), traj[-1])
-        cfg = r.get("config") or {}
-        hold = first["holdout_accuracy"] is not None
-        acc = (lambda st: st["holdout_accuracy"] if hold else st["score_accuracy"])
-        return {"kind": "compress", "dir": str(d), "layer": r["layer"], "criterion": r["criterion"],
-                "filters": r["num_filters"], "kept": len(r["kept"]),
-                "ratio": r["num_filters"] / max(1, len(r["kept"])),
-                "accuracy_before": acc(first), "accuracy_after": acc(last),
-                "accuracy_on": "hold-out" if hold else "scoring",
+        from ..greedy import CompressionResult
+
+        r = CompressionResult.from_dict(read_json(d / "result.json", "compress result"), None)
+        first, last = r.trajectory[0], r.final_step
+        cfg = r.config or {}
+        hold = first.accuracy_on == "hold-out"
+        return {"kind": "compress", "dir": str(d), "layer": r.layer, "criterion": r.criterion,
+                "filters": r.num_filters, "kept": len(r.kept), "ratio": r.compression_ratio,
+                "accuracy_before": first.accuracy, "accuracy_after": last.accuracy,
+                "accuracy_on": first.accuracy_on,
                 "accuracy_images": cfg.get("eval_images" if hold else "score_images"),
                 "score_images": cfg.get("score_images"),
-                "finetuned_accuracy": r.get("finetuned_holdout_accuracy"),
-                "flops_before": first["flops"], "flops_after": last["flops"],
-                "params_before": first["params"], "params_after": last["params"],
-                "layer_bytes_before": first["layer_bytes"], "layer_bytes_after": last["layer_bytes"],
-                "steps": len(traj) - 1}
+                "finetuned_accuracy": r.finetuned_holdout_accuracy,
+                "flops_before": first.flops, "flops_after": last.flops,
+                "params_before": first.params, "params_after": last.params,
+                "layer_bytes_before": first.layer_bytes, "layer_bytes_after": last.layer_bytes,
+                "steps": len(r.trajectory) - 1}
     if (d / "scores.json").is_file():
         doc = read_json(d / "scores.json", "scores")
         if doc.get("format") == "carprune.scores-index":

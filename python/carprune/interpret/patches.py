@@ -9,7 +9,6 @@ cut from the input at the receptive field of the winning position (see receptive
 
 from __future__ import annotations
 
-import sys
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Literal
@@ -18,13 +17,14 @@ import numpy as np
 import torch
 from torch import fx, nn
 
-from .. import graph
+from .. import graph, opsem
+from ..callbacks import progress_callbacks
 from ..data.batches import DataLike, load_batch, num_items, pick_indices
 from ..engine import parse_bytes
+from ..evaluate import batch_rows, bytes_per_image
 from .receptive import ReceptiveField, propagate_shapes, receptive_field_of
 
 Activation = Literal["conv", "bn"]
-MAX_ROWS = 4096
 
 
 class TopK:
@@ -81,32 +81,12 @@ class PatchSearch:
         return self.receptive_field.box(int(self.rows[f, j]), int(self.cols[f, j]), h, w)
 
 
-def _bytes_per_image(gm: fx.GraphModule) -> int:
-    """Bytes of all tensors one image creates in a shape-annotated graph."""
-    sizes = []
-    for n in gm.graph.nodes:
-        meta = n.meta.get("tensor_meta")
-        shape, dtype = getattr(meta, "shape", None), getattr(meta, "dtype", None)
-        if shape is not None and len(shape) > 0 and n.op not in ("get_attr", "output"):
-            per = int(np.prod(shape[1:])) if len(shape) > 1 else 1
-            sizes.append(per * torch.empty((), dtype=dtype).element_size())
-    return sum(sizes)
-
-
-def batch_rows(total: int, budget: int, n: int) -> int:
-    """Images per batch: all intermediates of a batch within `budget` (at least one image)."""
-    return int(max(1, min(budget // max(1, total), MAX_ROWS, n)))
-
-
 def _activation_node(gm: fx.GraphModule, conv: fx.Node, at: Activation) -> fx.Node:
+    """The conv's node, or for 'bn' the BatchNorm right after it (`opsem.bn_after`) if any."""
     if at not in ("conv", "bn"):
         raise ValueError(f"activation must be 'conv' or 'bn', got {at!r}")
-    if at == "bn" and len(conv.users) == 1:
-        (user,) = conv.users
-        if user.op == "call_module" and isinstance(gm.get_submodule(user.target), nn.BatchNorm2d) \
-                and user.args[:1] == (conv,):
-            return user
-    return conv
+    bn = opsem.bn_after(gm, conv) if at == "bn" else None
+    return bn if bn is not None else conv
 
 
 def truncate(gm: fx.GraphModule, node: fx.Node) -> fx.GraphModule:
@@ -129,13 +109,6 @@ def truncate(gm: fx.GraphModule, node: fx.Node) -> fx.GraphModule:
     sub = fx.GraphModule(gm, g)
     sub.recompile()
     return sub
-
-
-def _progress(total: int, desc: str, enabled: bool | None):
-    from tqdm.auto import tqdm
-
-    show = sys.stderr.isatty() if enabled is None else enabled
-    return tqdm(total=total, desc=desc, unit="img", leave=False, disable=not show)
 
 
 def search_patches(
@@ -179,8 +152,7 @@ def search_patches(
         raise ValueError(f"images of shape {tuple(x0.shape[1:])} do not fit the model "
                          f"({str(exc).splitlines()[0]})") from exc
     rf = receptive_field_of(sub, conv)
-    total = _bytes_per_image(sub)
-    per_image = total + x0[0].numel() * 4 * 2   # + the float input and its source batch
+    per_image = bytes_per_image(sub, x0)   # the engine's measurement, input included
     budget = parse_bytes(memory_budget)
     rows = batch_rows(per_image, budget, len(indices))
     out_meta = next(n for n in sub.graph.nodes if n.op == "output").args[0].meta["tensor_meta"]
@@ -189,7 +161,8 @@ def search_patches(
     class_first: dict[int, int] = {}
     class_counts: dict[int, int] = {}
     max_batch = 0
-    bar = _progress(len(indices), f"patches {layer}", progress)
+    bar = progress_callbacks(progress, f"patches {layer}", total=len(indices), unit="img",
+                             leave=False)
     with torch.no_grad():
         for s in range(0, len(indices), rows):
             idx = indices[s:s + rows]

@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from torch import fx, nn
 from torch.fx.passes.shape_prop import ShapeProp
 
-from .. import graph
+from .. import graph, opsem
 
 Axis = tuple[int, int, int]          # (offset, size, stride) along one spatial axis
 Geometry = tuple[Axis, Axis]          # (rows, cols)
@@ -199,6 +199,8 @@ def _node_geometry(gm: fx.GraphModule, node: fx.Node, geo: dict[fx.Node, Geometr
     g = geo.get(src)
     if node.op == "call_module":
         m = gm.get_submodule(node.target)
+        if opsem.is_leaf(m) and g is not None:
+            return _leaf_geometry(m, g, node, src)
         if isinstance(m, _UNSUPPORTED_MODULES):
             raise ValueError(f"cannot follow the receptive field through {node.target} "
                              f"({type(m).__name__})")
@@ -239,6 +241,34 @@ def _node_geometry(gm: fx.GraphModule, node: fx.Node, geo: dict[fx.Node, Geometr
     return _union([geo[a] for a in same], node)
 
 
+def _leaf_geometry(m: nn.Module, g: Geometry, node: fx.Node, src: fx.Node) -> Geometry | None:
+    """Geometry after a module that carprune's tracer keeps whole (a registered leaf or channel
+    map, e.g. the CIFAR ResNets' padding shortcut): its own forward() traced and walked, from
+    an input of `src`'s recorded shape."""
+    meta = src.meta.get("tensor_meta")
+    if len(node.all_input_nodes) != 1 or meta is None or not hasattr(meta, "shape"):
+        raise ValueError(f"cannot follow the receptive field through {node.format_node()}")
+    try:
+        tracer = fx.Tracer()
+        sub = fx.GraphModule(m, tracer.trace(m))
+        ref = next(iter(m.parameters()), None)
+        propagate_shapes(sub, torch.zeros(tuple(meta.shape), dtype=meta.dtype,
+                                          device=ref.device if ref is not None else "cpu"))
+    except Exception as exc:
+        raise ValueError(f"cannot follow the receptive field through {node.format_node()}: "
+                         f"its forward() cannot be traced ({type(exc).__name__})") from exc
+    geo: dict[fx.Node, Geometry | None] = {}
+    for n in sub.graph.nodes:
+        if n.op == "placeholder":
+            geo[n] = g
+        elif n.op == "output":
+            out = n.args[0]
+            return geo.get(out) if isinstance(out, fx.Node) else None
+        else:
+            geo[n] = _node_geometry(sub, n, geo)
+    return None
+
+
 def propagate_shapes(gm: fx.GraphModule, example: torch.Tensor) -> None:
     """Annotate every node of `gm` with its tensor shape for one example batch."""
     with torch.no_grad():
@@ -277,14 +307,9 @@ def receptive_field(model: nn.Module | fx.GraphModule, layer: str,
 
 def is_first_layer(gm: fx.GraphModule, node: fx.Node) -> bool:
     """True if no conv or linear layer lies between the input and `node` (its weights then act
-    on image pixels directly and can be drawn as images)."""
-    for n in graph.reachable(node, downstream=False):
-        if n.op == "call_module" and isinstance(gm.get_submodule(n.target),
-                                                (nn.Conv2d, nn.Linear, nn.ConvTranspose2d)):
-            return False
-        if n.op == "call_function" and n.target in (F.conv2d, F.linear, torch.conv2d):
-            return False
-    return True
+    on image pixels directly and can be drawn as images): `graph.is_first_layer`, also
+    `graph.LayerAnalysis.first_layer`."""
+    return graph.is_first_layer(gm, node)
 
 
 def box_area(box: tuple[int, int, int, int]) -> int:

@@ -25,7 +25,7 @@ from . import figures
 from .classes import ClassAccuracy, ClassImportance, class_accuracy, class_importance
 from .colour import DEFAULT_THRESHOLD, ColourSummary, colour_selectivity, colour_summary
 from .patches import Activation, PatchSearch, crop, display_images, mosaic, search_patches
-from .receptive import ReceptiveField, is_first_layer
+from .receptive import ReceptiveField
 
 if TYPE_CHECKING:
     from ..greedy import CompressionResult
@@ -289,9 +289,8 @@ def interpret(
         raise ValueError(f"top_classes must be >= 1, got {top_classes}")
     if patches < 1:
         raise ValueError(f"patches must be >= 1, got {patches}")
-    gm = graph.trace(model)
-    node = graph.conv_call(gm, layer)
-    conv = gm.get_submodule(layer)
+    analysis = graph.analyze(model, layer)
+    conv = analysis.conv
     if not isinstance(conv, nn.Conv2d):
         raise graph.CutError(f"layer {layer!r} is a {type(conv).__name__}, not a Conv2d: "
                              "interpretation pages (patches, receptive fields) are drawn for conv "
@@ -340,21 +339,15 @@ def interpret(
         steps = {int(f): s.step for s in compression.trajectory for f in s.removed}
         # a hand-made result may not list every removal in its trajectory: use the order then
         removed_step = {int(f): steps.get(int(f), i + 1) for i, f in enumerate(compression.removed)}
-        last = compression.trajectory[-1] if compression.trajectory else None
-        final = [s for s in compression.trajectory if s.kept == len(compression.kept)]
-        fin = final[0] if final else last
+        first = compression.trajectory[0] if compression.trajectory else None
+        fin = compression.final_step if compression.trajectory else None
         comp_dict = {"criterion": getattr(compression, "criterion", None),
                      "num_filters": compression.num_filters, "removed": list(compression.removed),
                      "kept": list(compression.kept), "steps": max(removed_step.values(), default=0),
-                     "base_accuracy": getattr(compression.trajectory[0], "holdout_accuracy", None)
-                     if compression.trajectory else None,
-                     "final_accuracy": getattr(fin, "holdout_accuracy", None) if fin else None,
+                     "base_accuracy": first.accuracy if first else None,
+                     "final_accuracy": fin.accuracy if fin else None,
                      "has_model": compression.model is not None,
-                     "accuracy_on": "hold-out"}
-        if comp_dict["base_accuracy"] is None and compression.trajectory:
-            comp_dict["base_accuracy"] = compression.trajectory[0].score_accuracy
-            comp_dict["final_accuracy"] = fin.score_accuracy if fin else None
-            comp_dict["accuracy_on"] = "scoring"
+                     "accuracy_on": first.accuracy_on if first else "hold-out"}
         cfg = getattr(compression, "config", None) or {}
         comp_dict["accuracy_images"] = cfg.get("eval_images" if comp_dict["accuracy_on"] ==
                                                "hold-out" else "score_images")
@@ -363,7 +356,7 @@ def interpret(
 
     # first layer: filters as images, colour selectivity
     c_img = search.image_shape[0]
-    first = is_first_layer(gm, node) and conv.in_channels == c_img and conv.groups == 1
+    first = analysis.first_layer and conv.in_channels == c_img and conv.groups == 1
     colour = None
     cidx = None
     if first and c_img == 3:

@@ -11,16 +11,58 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .. import opsem
+
 
 class PadShortcut(nn.Module):
-    """Option-A shortcut: subsample by 2 and zero-pad `pad` channels on each side."""
+    """Option-A shortcut: subsample by 2 and zero-pad `pad` channels on each side.
 
-    def __init__(self, pad: int) -> None:
+    After whole-network pruning (`carprune.prune_units`) the padding is no longer symmetric:
+    `out_index[k]` is then the output channel that input channel k fills among `out_channels`
+    (the rest are zero)."""
+
+    def __init__(self, pad: int, out_index: list[int] | None = None,
+                 out_channels: int | None = None) -> None:
         super().__init__()
         self.pad = pad
+        self.out_channels = out_channels
+        self.register_buffer("out_index", None if out_index is None else
+                             torch.tensor(out_index, dtype=torch.int64), persistent=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.pad(x[:, :, ::2, ::2], (0, 0, 0, 0, self.pad, self.pad))
+        if self.out_index is None:
+            return F.pad(x[:, :, ::2, ::2], (0, 0, 0, 0, self.pad, self.pad))
+        y = x[:, :, ::2, ::2]
+        out = y.new_zeros((y.shape[0], self.out_channels, *y.shape[2:]))
+        return out.index_copy(1, self.out_index.to(y.device), y)
+
+
+def _pad_mapping(m: PadShortcut, in_width: int) -> list[int | None]:
+    """Output channel j of the shortcut reads input channel mapping[j] (None: a zero channel)."""
+    if m.out_index is None:
+        return [None] * m.pad + list(range(in_width)) + [None] * m.pad
+    out: list[int | None] = [None] * m.out_channels
+    for k, j in enumerate(m.out_index.tolist()):
+        out[j] = k
+    return out
+
+
+def _pad_narrow(m: PadShortcut, in_width: int, kept_in: list[int], kept_out: list[int]
+                ) -> PadShortcut:
+    old = _pad_mapping(m, in_width)
+    new_in = {j: k for k, j in enumerate(kept_in)}
+    index = [0] * len(kept_in)
+    for q, j in enumerate(kept_out):
+        src = old[j]
+        if src is not None:
+            if src not in new_in:
+                raise ValueError(f"PadShortcut: output channel {j} reads input channel {src}, "
+                                 "which is removed while the output channel is kept")
+            index[new_in[src]] = q
+    return PadShortcut(m.pad, index, len(kept_out))
+
+
+opsem.register_channel_map(PadShortcut, mapping=_pad_mapping, narrow=_pad_narrow)
 
 
 class BasicBlock(nn.Module):

@@ -1,0 +1,728 @@
+"""Exact scoring of whole-network units through the engine (`units.Unit`).
+
+Removing channel i of a unit is zeroing position `positions[i]` at every site of `Unit.mask`
+(the tensors its consumers read; `units.masked_forward` is the reference). `UnitScorer` scores
+every channel of one unit that way, with the engine's plan:
+
+* the PREFIX is everything that is not downstream of any mask site: it runs once per image and
+  its outputs that the rest still needs (the live tensors) are cached, as `LayerScorer` does;
+* the TAIL is everything downstream of a site. It runs once per batch of ablations, rows
+  ablation-major as in `LayerScorer`; at each site (a cached one or one computed inside the
+  tail) a mask input zeroes each row's ablated channel (and the unit's removed channels);
+* a plain filter (or neuron) unit whose single site is exactly `graph.find_cut(gm, producer)`
+  with positions 0..n-1 and a fusable consumer IS a layer: it takes `LayerScorer`'s fused
+  `ablate_conv` / `ablate_conv_head` paths (same object, same loops);
+* zero-activation savings (`zero_skip`, exact): an (image, channel) pair whose channel is all
+  zero at every site in the unablated network cannot change that image's outputs; it counts as
+  the unablated result and its tail is not run. Sites in the prefix are checked on the cached
+  tensors, sites in the tail on the unablated pass (which the base counts need anyway).
+
+Channels of OTHER units already removed (the state of a global run) are passed as `removed`
+({unit: channels}) and zeroed at their sites for good, in the prefix or the tail as they fall;
+the unit's own removed channels stay zero in every row. Scoring the physically pruned model
+(`surgery.prune_units`) with its own `units.prunable_units` analysis is the same computation on
+smaller tensors, and needs nothing from here: pass that model.
+
+`score_units` scores many units of one network on the same images with ONE prefix pass per chunk
+of images: the network runs once, every tensor any unit's tail needs is kept for that chunk,
+and each unit's scorer takes its own live tensors from it. It reports the cost model
+(`ScoringCost`): per unit, (image, ablation) pairs x tail multiply-accumulates, and seconds.
+"""
+
+from __future__ import annotations
+
+import copy
+import os
+import time
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+from torch import fx, nn
+
+from . import graph, metrics
+from .callbacks import Callbacks, Event, progress_callbacks
+from .cost import CostReport, count_cost
+from .data.batches import DataLike, load_batch, num_items, resolve
+from .engine import (
+    LayerScorer,
+    _bytes_per_row,
+    _Chunk,
+    _nonzero_channels,
+    _rows_for,
+    _SizeRecorder,
+    parse_bytes,
+)
+from .fold import fold_conv_bn
+from .io import read_json, write_json
+from .scores import LayerScores
+from .units import Site, Unit, UnitAnalysis, prunable_units
+
+# GEMM throughput of the project's 2-core machines (fp32, 2 threads; issue 12), for the ratio
+# `ScoringCost` reports. Pass your machine's figure to `ScoringCost.describe`.
+REFERENCE_GEMM_GFLOPS = 98.0
+
+
+# -- masks inside the private graphs -----------------------------------------------------------
+class _ZeroChannels(nn.Module):
+    """Zeroes fixed channel positions of its input (removed channels of other units)."""
+
+    carprune_leaf = True
+
+    def __init__(self, positions: Sequence[int], width: int) -> None:
+        super().__init__()
+        self.width = int(width)
+        self.register_buffer("index", torch.tensor(sorted(set(int(p) for p in positions)),
+                                                   dtype=torch.int64))
+
+    def forward(self, v: torch.Tensor) -> torch.Tensor:
+        n = v.shape[0]
+        return v.reshape(n, self.width, -1).index_fill(1, self.index, 0).reshape(v.shape)
+
+
+def _mask_channels(v: torch.Tensor, drop: torch.Tensor) -> torch.Tensor:
+    """`v` ([R, C, ...], or [R, C * block]) with channel c of row r zeroed where drop[r, c]."""
+    r, c = drop.shape
+    return v.reshape(r, c, -1).masked_fill(drop.unsqueeze(-1), 0).reshape(v.shape)
+
+
+def _module_name(unit: str, site: str) -> str:
+    return "carprune_removed__" + "".join(ch if ch.isalnum() else "_" for ch in f"{unit}__{site}")
+
+
+def _site_width(analysis: UnitAnalysis, site: Site) -> int:
+    """Channels of the tensor at `site` (for a flattened one, before flattening)."""
+    tm = analysis._node(site.node).meta.get("tensor_meta")
+    if tm is None or not hasattr(tm, "shape") or len(tm.shape) < 2:
+        raise ValueError(f"the analysis has no shape for node {site.node!r}")
+    return int(tm.shape[1]) // site.block
+
+
+def _check_removed(analysis: UnitAnalysis, removed: Mapping[str, Sequence[int]] | None
+                   ) -> dict[str, list[int]]:
+    out: dict[str, list[int]] = {}
+    for name, idx in (removed or {}).items():
+        unit = analysis.unit(name)
+        chans = sorted(set(int(i) for i in idx))
+        bad = [i for i in chans if not 0 <= i < unit.num_channels]
+        if bad:
+            raise ValueError(f"removed: channels {bad} are out of range for unit {name!r} "
+                             f"({unit.num_channels} channels)")
+        if len(chans) >= unit.num_channels:
+            raise ValueError(f"removed: every channel of unit {name!r} is removed "
+                             f"({unit.num_channels}); a unit keeps at least one channel")
+        if chans:
+            out[unit.name] = chans
+    return out
+
+
+def _insert_removed(gm: fx.GraphModule, analysis: UnitAnalysis,
+                    removed: Mapping[str, Sequence[int]], skip: str | None = None) -> None:
+    """Zero the `removed` channels ({unit: channels}, unit `skip` excepted) at their units'
+    sites in `gm`, in place: each site node's users read a `_ZeroChannels` node instead."""
+    nodes = {n.name: n for n in gm.graph.nodes}
+    ref = next(iter(gm.parameters()), None)
+    device = ref.device if ref is not None else torch.device("cpu")
+    for name, chans in removed.items():
+        if name == skip:
+            continue
+        unit = analysis.unit(name)
+        for site in unit.mask:
+            node = nodes[site.node]
+            mod = _ZeroChannels([site.positions[i] for i in chans], _site_width(analysis, site))
+            target = _module_name(unit.name, site.node)
+            gm.add_submodule(target, mod.to(device))
+            with gm.graph.inserting_after(node):
+                z = gm.graph.call_module(target, (node,))
+            node.replace_all_uses_with(z, delete_user_cb=lambda u, z=z: u is not z)
+    gm.graph.lint()
+    gm.recompile()
+
+
+def trace_for_units(model: nn.Module, analysis: UnitAnalysis) -> fx.GraphModule:
+    """`graph.trace(model)`, checked against `analysis` (every unit's sites are nodes of it)."""
+    gm = graph.trace(model)
+    names = {n.name for n in gm.graph.nodes}
+    missing = sorted({s.node for u in analysis.units for s in u.mask} - names)
+    if missing:
+        raise ValueError(f"the analysis does not belong to this {type(model).__name__}: its "
+                         f"sites {missing[:5]} are not nodes of the model's graph (run "
+                         "carprune.prunable_units on this model)")
+    return gm
+
+
+# -- the unit's split --------------------------------------------------------------------------
+@dataclass
+class _SiteInfo:
+    node: str
+    positions: torch.Tensor   # int64 [channels]: the unit's channel i sits at positions[i]
+    width: int                # channels of the tensor there
+    block: int
+    in_prefix: bool
+
+
+@dataclass
+class UnitSplit:
+    """A network cut at a unit's mask sites: ``prefix(x) -> live``; ``tail(*live, *drops) ->
+    outputs`` with drops[k] a bool [rows, width_k] mask of the channels zeroed at site k per row;
+    ``probe`` is the tail that also returns the unmasked values of the sites inside it."""
+
+    prefix: fx.GraphModule
+    tail: fx.GraphModule
+    probe: fx.GraphModule
+    live: list[str]
+    tail_inputs: list[str]
+    sites: list[_SiteInfo]
+    tail_modules: list[str]   # modules called in the tail (the cost model)
+    fused: None = None
+
+
+def split_unit(gm: fx.GraphModule, sites: Sequence[Site], widths: Sequence[int],
+               device: torch.device, fold_cache: dict | None = None) -> UnitSplit:
+    """Cut `gm` at `sites` (see the module docstring; `widths`: channels of each site's
+    tensor); BatchNorm folded in the private graphs (sharing `fold_cache`)."""
+    order = list(gm.graph.nodes)
+    by_name = {n.name: n for n in order}
+    site_nodes = [by_name[s.node] for s in sites]
+    desc: set[fx.Node] = set()
+    for n in site_nodes:
+        desc |= graph.reachable(n)
+    out_node = next(n for n in order if n.op == "output")
+    placeholders = [n for n in order if n.op == "placeholder"]
+    prefix_nodes = [n for n in order
+                    if n not in desc and n.op not in ("placeholder", "output", "get_attr")]
+    before = set(prefix_nodes) | set(placeholders)
+    live = [n for n in order if n in before and any(u in desc for u in n.users)]
+    tail_nodes = [n for n in order if n in desc and n.op != "output"]
+    # sites holding the unit at the same positions share one tensor (and one mask per call)
+    pos: dict[tuple, torch.Tensor] = {}
+    infos = [_SiteInfo(s.node, pos.setdefault((w, s.positions), torch.tensor(
+                 s.positions, dtype=torch.int64, device=device)), w, s.block,
+                       by_name[s.node] not in desc)
+             for s, w in zip(sites, widths, strict=True)]
+    prefix = graph._subgraph(gm, placeholders, prefix_nodes, live, placeholders_from_inputs=False)
+
+    def tail_graph(probe: bool) -> fx.GraphModule:
+        g = fx.Graph()
+        env: dict[fx.Node, fx.Node] = {}
+        for n in live:
+            env[n] = g.placeholder(n.name)
+        drops = {n: g.placeholder(f"carprune_drop_{k}") for k, n in enumerate(site_nodes)}
+        raw: list[fx.Node] = []
+        for n in live:
+            if n in drops:
+                env[n] = g.call_function(_mask_channels, (env[n], drops[n]))
+        for n in tail_nodes:
+            for a in n.all_input_nodes:
+                if a not in env and a.op == "get_attr":
+                    env[a] = g.node_copy(a, env.__getitem__)
+            v = g.node_copy(n, env.__getitem__)
+            if n in drops:
+                raw.append(v)
+                v = g.call_function(_mask_channels, (v, drops[n]))
+            env[n] = v
+        result = fx.map_arg(out_node.args[0], env.__getitem__)
+        g.output((result, *raw) if probe else result)
+        sub = fx.GraphModule(gm, g)
+        sub.graph.eliminate_dead_code()
+        sub.recompile()
+        return fold_conv_bn(sub, fold_cache)
+
+    fold_conv_bn(prefix, fold_cache)
+    tail, probe = tail_graph(False), tail_graph(True)
+    tail_modules = list(dict.fromkeys(str(n.target) for n in tail_nodes if n.op == "call_module"))
+    return UnitSplit(prefix=prefix, tail=tail, probe=probe, live=[n.name for n in live],
+                     tail_inputs=[n.name for n in live] +
+                     [f"carprune_drop_{k}" for k in range(len(site_nodes))],
+                     sites=infos, tail_modules=tail_modules)
+
+
+def _plain_layer(gm: fx.GraphModule, unit: Unit) -> str | None:
+    """The producer of `unit` when scoring it is scoring that layer's filters (one site: the
+    layer's cut, positions 0..n-1) and the layer has a fusable consumer; else None."""
+    if unit.kind not in ("filter", "neuron") or len(unit.producers) != 1 or len(unit.mask) != 1:
+        return None
+    site = unit.mask[0]
+    if site.block != 1 or site.positions != tuple(range(unit.num_channels)):
+        return None
+    try:
+        cut = graph.find_cut(gm, unit.producers[0])
+    except graph.CutError:
+        return None
+    if cut.node.name != site.node or cut.num_filters != unit.num_channels:
+        return None
+    return unit.producers[0] if graph.find_fused_consumer(gm, cut) is not None else None
+
+
+# -- the scorer --------------------------------------------------------------------------------
+class UnitScorer(LayerScorer):
+    """Scores the channels of one unit (`units.Unit`) of `model` on `data`, exactly.
+
+    `unit`: a unit name of `analysis` (default: `units.prunable_units(model, <first image>)`)
+    or a `Unit`. `removed`: {unit name: channels} already removed in the network (other units
+    are zeroed at their sites for good; the unit's own channels as `remove` does). `fused`:
+    let a plain filter unit take the layer's fused kernels (else every unit takes the masked
+    tail). `zero_skip`: the exact zero-activation savings. Everything else as `LayerScorer`;
+    `score()` returns `LayerScores` with `layer` = the unit's name and `filters` = its channel
+    indices; `path` is 'head' / 'fused' (the layer's kernels) or 'masked'.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        unit: str | Unit,
+        data: DataLike,
+        *,
+        analysis: UnitAnalysis | None = None,
+        removed: Mapping[str, Sequence[int]] | None = None,
+        num_images: int | None = None,
+        seed: int = 0,
+        memory_budget: int | str | None = None,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype = torch.float32,
+        topk: int = 1,
+        fused: bool = True,
+        fused_head: bool = True,
+        zero_skip: bool = True,
+        rows: int | None = None,
+        progress: bool | None = None,
+        classes: Sequence[str] | None = None,
+        metric: str | metrics.Metric | metrics.PerSample | None = None,
+        bins: int | Sequence[float] | None = None,
+        _graph: fx.GraphModule | None = None,
+        _fold_cache: dict | None = None,
+    ) -> None:
+        self._init_run(model, data, num_images=num_images, seed=seed,
+                       memory_budget=memory_budget, device=device, dtype=dtype, topk=topk,
+                       progress=progress, classes=classes, metric=metric, bins=bins,
+                       zero_skip=zero_skip)
+        if _fold_cache is not None:
+            self._fold_cache = _fold_cache
+        if analysis is None:
+            x0, _ = load_batch(self.data, self.indices[:1])
+            analysis = prunable_units(model, x0)
+        self.analysis = analysis
+        self.unit = analysis.unit(unit.name if isinstance(unit, Unit) else unit)
+        self.layer = self.unit.name
+        self.num_filters = self.unit.num_channels
+        rem = _check_removed(analysis, removed)
+        self.removed_elsewhere = {k: v for k, v in rem.items() if k != self.unit.name}
+        if _graph is None:
+            _graph = trace_for_units(model, analysis).to(device=self.device, dtype=dtype)
+        # a private graph over the same modules (nothing here changes a module)
+        gm = fx.GraphModule(_graph, copy.deepcopy(_graph.graph))
+        _insert_removed(gm, analysis, rem, skip=self.unit.name)
+        self._graph = gm
+        layer = _plain_layer(gm, self.unit) if fused else None
+        self._as_layer = layer is not None
+        if layer is not None:
+            self._build_layer(gm, layer, fused=True, fused_head=fused_head)
+            self.sites: list[_SiteInfo] = []
+            self.tail_modules = list(dict.fromkeys(
+                str(n.target) for n in graph.reachable(self.cut.node) if n.op == "call_module"))
+        else:
+            widths = [_site_width(analysis, s) for s in self.unit.mask]
+            self.split = split_unit(gm, self.unit.mask, widths, self.device, self._fold_cache)
+            self.fused = None
+            self.head = None
+            self.sites = self.split.sites
+            self.tail_modules = self.split.tail_modules
+        self._removed_t: torch.Tensor | None = None
+        self._plan(rows)
+        self._chunks: list[_Chunk] | None = None
+        self._base = None
+        own = rem.get(self.unit.name)
+        if own:
+            self.remove(own)
+
+    # -- the masked path -----------------------------------------------------------------------
+    @property
+    def path(self) -> str:
+        return super().path if self._as_layer else "masked"
+
+    def _check_live(self, live: Sequence[torch.Tensor]) -> None:
+        if self._as_layer:
+            super()._check_live(live)
+
+    def _make_chunk(self, live: list[torch.Tensor], labels: torch.Tensor) -> _Chunk:
+        if self._as_layer:
+            return super()._make_chunk(live, labels)
+        others = dict(zip(self.split.live, live, strict=True))
+        alive = None
+        if self.zero_skip:
+            alive = torch.zeros(labels.shape[0], self.num_filters, dtype=torch.bool,
+                                device=self.device)
+            for s in self.sites:
+                if s.in_prefix:
+                    alive |= _nonzero_channels(others[s.node], s.positions, s.block)
+        return _Chunk(labels=labels, a=None, z=None, others=others, alive=alive)
+
+    def _drops(self, rows: int, channels: torch.Tensor | None) -> list[torch.Tensor]:
+        """Per site, bool [rows, width]: the removed channels, and row r's channels[r]."""
+        if self._removed_t is None and self.removed:
+            self._removed_t = torch.tensor(self.removed, dtype=torch.int64, device=self.device)
+        out = []
+        made: dict[tuple, torch.Tensor] = {}
+        for s in self.sites:
+            key = id(s.positions)
+            if key not in made:
+                d = torch.zeros(rows, s.width, dtype=torch.bool, device=self.device)
+                if self.removed:
+                    d[:, s.positions[self._removed_t]] = True
+                if channels is not None:
+                    d[torch.arange(rows, device=self.device), s.positions[channels]] = True
+                made[key] = d
+            out.append(made[key])
+        return out
+
+    def _tail_inputs(self, ch: _Chunk, b0: int, b1: int, channels: torch.Tensor | None,
+                     sel: torch.Tensor | None = None) -> list[torch.Tensor]:
+        if self._as_layer:
+            return super()._tail_inputs(ch, b0, b1, channels, sel)
+        b = b1 - b0
+        if channels is None:
+            return [ch.others[n][b0:b1] for n in self.split.live] + self._drops(b, None)
+        m = int(channels.numel())
+        if sel is None:
+            sel = torch.arange(m * b, device=self.device)
+        ir = sel % b + b0
+        return ([ch.others[n].index_select(0, ir) for n in self.split.live]
+                + self._drops(int(sel.numel()), channels[sel // b]))
+
+    def _base_out(self, ch: _Chunk, b0: int, b1: int) -> torch.Tensor:
+        if self._as_layer or not self.zero_skip:
+            return super()._base_out(ch, b0, b1)
+        if ch.known is None:
+            ch.known = torch.zeros(ch.labels.shape[0], dtype=torch.bool)
+        if not bool(ch.known[b0:b1].all()):
+            # the unablated pass, with the sites inside the tail checked for zero channels
+            out, *raw = self.split.probe(*self._tail_inputs(ch, b0, b1, None))
+            out = out.view(out.shape[0], -1)
+            tail_sites = [s for s in self.sites if not s.in_prefix]
+            for s, v in zip(tail_sites, raw, strict=True):
+                ch.alive[b0:b1] |= _nonzero_channels(v, s.positions, s.block)
+            if ch.base_out is None:
+                ch.base_out = out.new_empty((ch.labels.shape[0], out.shape[1]))
+            ch.base_out[b0:b1] = out
+            ch.known[b0:b1] = True
+        return ch.base_out[b0:b1]
+
+    def _needed(self, ch: _Chunk, b0: int, b1: int, channels: torch.Tensor) -> torch.Tensor:
+        if not self._as_layer and any(not s.in_prefix for s in self.sites):
+            self._base_out(ch, b0, b1)   # completes `alive` with the sites inside the tail
+        return super()._needed(ch, b0, b1, channels)
+
+    def remove(self, filters: Sequence[int]) -> None:
+        """Remove channels of the unit for all later scoring."""
+        if self._as_layer:
+            return super().remove(filters)
+        filt = self._check_filters(filters)
+        self._base = None
+        self.removed.extend(filt)
+        self._removed_t = None
+        for ch in self._chunks or ():
+            ch.known = None
+            if ch.alive is not None:   # tail sites are re-checked on the next unablated pass
+                ch.alive = self._make_chunk(
+                    [ch.others[n] for n in self.split.live], ch.labels).alive
+        return None
+
+    # -- reporting -----------------------------------------------------------------------------
+    def tail_macs(self, report: CostReport | None = None) -> tuple[int, int]:
+        """(dense, run) multiply-accumulates per (image, ablation) pair: `dense`, of every conv
+        and linear layer downstream of the sites (what a masked forward of the tail costs);
+        `run`, what this path computes (the fused consumer removes one input channel's share;
+        the fused ending runs that and the linear layer, before zero pixels are skipped).
+        `report`: `cost.count_cost` of the network on the scored images' shape."""
+        if report is None:
+            x, _ = self._images(self.indices[:1])
+            report = count_cost(self._graph, tuple(x.shape[1:]))
+        layers = {lay.name: lay for lay in report.layers}
+        dense = sum(layers[m].flops for m in self.tail_modules if m in layers)
+        if self.path == "masked":
+            return dense, dense
+        consumer = layers[str(self.fused.nodes[0].target)]
+        one = consumer.flops // max(1, consumer.inputs)
+        if self.path == "fused":
+            return dense, dense - consumer.flops + one
+        linear = sum(layers[m].flops for m in self.tail_modules
+                     if m in layers and layers[m].kind == "linear")
+        return dense, one + linear
+
+    def describe(self) -> str:
+        lines = [f"unit: {self.unit.describe()}"]
+        sites = ", ".join(f"{s.node}{'' if s.block == 1 else f' (x{s.block} columns)'}"
+                          for s in self.unit.mask)
+        lines.append(f"mask sites: {sites}")
+        if self.removed_elsewhere:
+            lines.append("removed elsewhere (zeroed at their sites): " + ", ".join(
+                f"{k}: {len(v)}" for k, v in self.removed_elsewhere.items()))
+        if self._as_layer:
+            lines.append("a plain filter unit: scored as the layer " + self.cut.layer)
+            lines.extend(super().describe().splitlines())
+            return "\n".join(lines)
+        n_pre = sum(s.in_prefix for s in self.sites)
+        lines.append(f"prefix: cached once per image, {len(self.split.live)} live tensors "
+                     f"({', '.join(self.split.live)})")
+        lines.append(f"ablations: the tail graph with the channel zeroed at {len(self.sites)} "
+                     f"sites ({n_pre} cached, {len(self.sites) - n_pre} inside the tail)")
+        if self.zero_skip:
+            lines.append("zero activations: an (image, channel) pair whose channel is all zero "
+                         "at every site keeps the unablated result (tail not run)")
+        lines.append(f"images: {len(self.indices)}, " + (
+            "activations cached once" if self.cache_all else
+            f"prefix recomputed per pass in chunks of {self.chunk_images}"))
+        return "\n".join(lines)
+
+
+# -- many units, one prefix pass ---------------------------------------------------------------
+@dataclass
+class UnitCost:
+    """What scoring one unit cost. `pairs`: (image, ablation) pairs scored; `pairs_run`: of
+    those, evaluated (the rest were all-zero channels); `tail_macs`: multiply-accumulates per
+    pair of every conv/linear layer downstream of the sites; `run_macs`: what the unit's path
+    computes per pair (see `UnitScorer.tail_macs`); `seconds`: tails and chunk set-up."""
+
+    unit: str
+    path: str
+    channels: int
+    pairs: int
+    pairs_run: int
+    tail_macs: int
+    run_macs: int
+    seconds: float
+
+    @property
+    def gflops(self) -> float:
+        """Tail throughput: 2 x run_macs x pairs_run / seconds, in GFLOP/s."""
+        return 2 * self.run_macs * self.pairs_run / max(self.seconds, 1e-12) / 1e9
+
+
+@dataclass
+class ScoringCost:
+    """The cost model of a `score_units` run: the shared prefix (one forward pass over every
+    image, `prefix_macs` per image) and each unit's tails."""
+
+    images: int
+    prefix_macs: int
+    prefix_seconds: float
+    seconds: float
+    threads: int
+    units: list[UnitCost] = field(default_factory=list)
+
+    @property
+    def tail_flops(self) -> int:
+        """Floating-point operations of the tails run (2 per multiply-accumulate)."""
+        return sum(2 * u.run_macs * u.pairs_run for u in self.units)
+
+    @property
+    def tail_seconds(self) -> float:
+        return sum(u.seconds for u in self.units)
+
+    @property
+    def gflops(self) -> float:
+        return self.tail_flops / max(self.tail_seconds, 1e-12) / 1e9
+
+    def describe(self, gemm_gflops: float = REFERENCE_GEMM_GFLOPS) -> str:
+        pairs = sum(u.pairs for u in self.units)
+        run = sum(u.pairs_run for u in self.units)
+        lines = [f"{len(self.units)} units on {self.images} images, {self.threads} threads: "
+                 f"{self.seconds:.2f} s (prefix {self.prefix_seconds:.2f} s, tails "
+                 f"{self.tail_seconds:.2f} s); {pairs:,} (image, ablation) pairs, {run:,} run "
+                 f"({100 * (pairs - run) / max(1, pairs):.1f} % all-zero, skipped); tails "
+                 f"{self.tail_flops / 1e9:.2f} GFLOP at {self.gflops:.1f} GFLOP/s = "
+                 f"{100 * self.gflops / gemm_gflops:.0f} % of {gemm_gflops:g} GFLOP/s GEMM"]
+        for u in self.units:
+            lines.append(f"  {u.unit} [{u.path}]: {u.channels} channels, {u.pairs:,} pairs "
+                         f"({u.pairs_run:,} run) x {u.run_macs:,} MACs (dense tail "
+                         f"{u.tail_macs:,}), {u.seconds:.2f} s, {u.gflops:.1f} GFLOP/s")
+        return "\n".join(lines)
+
+
+@dataclass
+class UnitScores(Mapping[str, LayerScores]):
+    """The scores of `score_units`: a mapping {unit name: LayerScores}, with the run's `cost`."""
+
+    scores: dict[str, LayerScores]
+    cost: ScoringCost
+
+    FORMAT = "carprune.UnitScores"
+    VERSION = 1
+
+    def __getitem__(self, name: str) -> LayerScores:
+        return self.scores[name]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self.scores)
+
+    def __len__(self) -> int:
+        return len(self.scores)
+
+    def save(self, directory: str | os.PathLike) -> Path:
+        """`directory`/units.json (the units in order and the cost) and one LayerScores file
+        per unit (`scores/<k>.npz`)."""
+        d = Path(directory)
+        (d / "scores").mkdir(parents=True, exist_ok=True)
+        files = {}
+        for k, (name, s) in enumerate(self.scores.items()):
+            files[name] = f"scores/{k}.npz"
+            s.save(d / files[name])
+        doc = {"format": self.FORMAT, "version": self.VERSION, "files": files,
+               "cost": {**{k: v for k, v in asdict(self.cost).items() if k != "units"},
+                        "units": [asdict(u) for u in self.cost.units]}}
+        write_json(d / "units.json", doc)
+        return d
+
+    @classmethod
+    def load(cls, directory: str | os.PathLike) -> UnitScores:
+        d = Path(directory)
+        doc = read_json(d / "units.json", "UnitScores file")
+        try:
+            if doc.get("format") != cls.FORMAT or doc.get("version") != cls.VERSION:
+                raise ValueError(f"format {doc.get('format')!r} version {doc.get('version')!r}")
+            c = dict(doc["cost"])
+            units = [UnitCost(**u) for u in c.pop("units")]
+            cost = ScoringCost(**c, units=units)
+        except (ValueError, KeyError, TypeError, AttributeError) as exc:
+            raise ValueError(f"{d} is not a readable UnitScores directory ({exc})") from exc
+        return cls({name: LayerScores.load(d / f) for name, f in doc["files"].items()}, cost)
+
+
+def score_units(
+    model: nn.Module,
+    data: DataLike,
+    units: Sequence[str] | None = None,
+    *,
+    analysis: UnitAnalysis | None = None,
+    removed: Mapping[str, Sequence[int]] | None = None,
+    num_images: int | None = None,
+    seed: int = 0,
+    memory_budget: int | str | None = None,
+    device: torch.device | str | None = None,
+    dtype: torch.dtype = torch.float32,
+    topk: int = 1,
+    metric: str | metrics.Metric | metrics.PerSample | None = None,
+    bins: int | Sequence[float] | None = None,
+    classes: Sequence[str] | None = None,
+    fused: bool = True,
+    fused_head: bool = True,
+    zero_skip: bool = True,
+    rows: int | None = None,
+    progress: bool = False,
+    callbacks: Callbacks | None = None,
+) -> UnitScores:
+    """Scores of every remaining channel of `units` (names; default: every unit of
+    `analysis`, itself by default `units.prunable_units(model, <first image>)`) on the same
+    `num_images` seeded images, as `UnitScorer` computes them (exact, equal to a
+    `units.masked_forward` reference). `removed`: {unit name: channels} already removed (zeroed
+    at their sites; those channels are not scored).
+
+    The network's prefix runs ONCE per chunk of images for all units: every tensor that some
+    unit's tail reads is kept for the chunk (chunk size from `memory_budget`) and each unit's
+    tails run on it. The result maps unit names to `LayerScores` and carries `cost`
+    (`ScoringCost`: pairs x tail MACs and seconds per unit, for the GEMM-throughput ratio).
+    `callbacks.on_event` hears of every chunk (algorithm "score-units").
+    """
+    data = resolve(data)
+    if analysis is None:
+        from .data.batches import pick_indices
+        x0, _ = load_batch(data, pick_indices(num_items(data), num_images, seed)[:1])
+        analysis = prunable_units(model, x0)
+    names = [u.name for u in analysis.units] if units is None else \
+        [analysis.unit(u).name for u in units]
+    if not names:
+        raise ValueError("no units to score (the analysis has none, or units=[] was passed)")
+    rem = _check_removed(analysis, removed)
+    t_start = time.perf_counter()
+    params = list(model.parameters())
+    dev = torch.device(device) if device is not None else (
+        params[0].device if params else torch.device("cpu"))
+    base = trace_for_units(model, analysis).to(device=dev, dtype=dtype)
+    common = dict(num_images=num_images, seed=seed, memory_budget=memory_budget, device=dev,
+                  dtype=dtype, topk=topk, metric=metric, bins=bins, classes=classes,
+                  fused=fused, fused_head=fused_head, zero_skip=zero_skip, rows=rows,
+                  progress=False)
+    fold_cache: dict = {}
+    scorers = [UnitScorer(model, name, data, analysis=analysis, removed=rem, _graph=base,
+                          _fold_cache=fold_cache, **common) for name in names]
+    # the shared prefix: every live tensor of every scorer, all removals applied
+    gm = fx.GraphModule(base, copy.deepcopy(base.graph))
+    _insert_removed(gm, analysis, rem)
+    by_name = {n.name: n for n in gm.graph.nodes}
+    wanted = list(dict.fromkeys(n for s in scorers for n in s.split.live))
+    needed: set[fx.Node] = set()
+    for n in wanted:
+        needed |= {by_name[n]} | graph.reachable(by_name[n], downstream=False)
+    order = list(gm.graph.nodes)
+    shared = graph._subgraph(gm, [n for n in order if n.op == "placeholder"],
+                             [n for n in order if n in needed and n.op not in
+                              ("placeholder", "output", "get_attr")],
+                             [by_name[n] for n in wanted], placeholders_from_inputs=False)
+    fold_conv_bn(shared, fold_cache)
+    lead = scorers[0]
+    idx = lead.indices
+    x, _ = lead._images(idx[:1])
+    report = count_cost(gm, tuple(x.shape[1:]))
+    prefix_modules = {str(n.target) for n in needed if n.op == "call_module"}
+    prefix_macs = sum(lay.flops for lay in report.layers if lay.name in prefix_modules)
+    rec = _SizeRecorder(shared)
+    with torch.no_grad():
+        live1 = rec.run(x)
+    budget = parse_bytes(memory_budget)
+    per_image = sum(_bytes_per_row(t) for t in live1) + max(
+        _bytes_per_row(_z_probe(s, live1, wanted)) for s in scorers)
+    chunk_images = max(1, min(len(idx), (budget // 2) // max(1, per_image)))
+    prefix_rows = _rows_for(rec.max_bytes, rec.total_bytes, budget // 4)
+    runs = [s._score_begin(None) for s in scorers]
+    seconds = [0.0] * len(scorers)
+    prefix_seconds = 0.0
+    chunks = -(-len(idx) // chunk_images)
+    bar = progress_callbacks(progress, "score units", total=chunks * len(scorers), unit="batch",
+                             leave=False)
+    with torch.no_grad():
+        for c, s0 in enumerate(range(0, len(idx), chunk_images)):
+            t0 = time.perf_counter()
+            vals, y = lead._prefix_values(shared, idx[s0:s0 + chunk_images], prefix_rows)
+            values = dict(zip(wanted, vals, strict=True))
+            del vals
+            prefix_seconds += time.perf_counter() - t0
+            for k, (s, run) in enumerate(zip(scorers, runs, strict=True)):
+                t0 = time.perf_counter()
+                ch = s._chunk_from([values[n] for n in s.split.live], y)
+                s._score_chunk(run, ch)
+                del ch
+                seconds[k] += time.perf_counter() - t0
+                bar.update(1)
+            del values
+            if callbacks is not None:
+                done = min(len(idx), s0 + chunk_images)
+                callbacks.on_event(Event("score-units", c + 1, f"{done}/{len(idx)} images, "
+                                         f"{len(scorers)} units", total=chunks,
+                                         data={"images": done, "units": len(scorers)}))
+    bar.close()
+    out = {s.unit.name: s._score_end(run) for s, run in zip(scorers, runs, strict=True)}
+    costs = []
+    for s, sec in zip(scorers, seconds, strict=True):
+        dense, run_macs = s.tail_macs(report)
+        costs.append(UnitCost(unit=s.unit.name, path=s.path, channels=len(out[s.unit.name].filters),
+                              pairs=s.pairs, pairs_run=s.pairs_run, tail_macs=dense,
+                              run_macs=run_macs, seconds=sec))
+    cost = ScoringCost(images=len(idx), prefix_macs=prefix_macs, prefix_seconds=prefix_seconds,
+                       seconds=time.perf_counter() - t_start, threads=torch.get_num_threads(),
+                       units=costs)
+    return UnitScores(out, cost)
+
+
+def _z_probe(scorer: UnitScorer, live1: Sequence[torch.Tensor], wanted: list[str]
+             ) -> torch.Tensor | None:
+    """The fused consumer's pre-activation for one image (the extra a chunk of `scorer` holds)."""
+    if scorer.fused is None:
+        return None
+    a = live1[wanted.index(scorer.split.live[0])]
+    c = scorer.fused.conv
+    return torch.nn.functional.conv2d(a, scorer._w, scorer._b, c.stride, c.padding, c.dilation)
+
+
+__all__ = ["REFERENCE_GEMM_GFLOPS", "ScoringCost", "UnitCost", "UnitScorer", "UnitScores",
+           "UnitSplit", "score_units", "split_unit", "trace_for_units"]
