@@ -135,10 +135,13 @@ def run(args) -> dict:
             la, _ = _load()
             t0 = time.perf_counter()
             fps = args.filters_per_step.get(net, 8)
+            # whole-network units: each conv1 here is its own unit; a round removes at most one
+            # filter per unit, so `fps` filters a round across the blocks
             g = cp.compress_global(model, convs, score, flops_target=min(targets.values()) / base.total_flops,
-                                   score_images=args.score_images, filters_per_step=fps, progress=True)
+                                   score_images=args.score_images, per_round=fps)
             r["car_global"] = {"seconds": time.perf_counter() - t0, "load": la, "filters_per_step": fps,
-                               "steps": [[s.layer, s.removed, s.flops, s.params] for s in g.trajectory]}
+                               "steps": [[c.unit, c.channel, s.flops, s.params] for s in g.trajectory
+                                         for c in s.removed]}
             save()
         steps = r["car_global"]["steps"]
         for G, target in targets.items():

@@ -542,7 +542,9 @@ def test_every_command_is_a_module_with_typed_frozen_settings():
     for name, options in cli.command_options().items():
         module = importlib.import_module(f"carprune.commands.{name.replace('-', '_')}")
         assert (name, module.run, module.HELP) == (module.NAME, cli.COMMANDS[name], cli.HELP[name])
-        assert Path(module.__file__).parent == ROOT / "python" / "carprune" / "commands"
+        # its own module in the commands package (of the installed carprune, wherever that is)
+        assert Path(module.__file__).parent == Path(cli.__file__).parent / "commands"
+        assert Path(module.__file__).stem == name.replace("-", "_")
         fields = [f.name for f in dataclasses.fields(module.Settings)]
         assert module.Settings.__dataclass_params__.frozen, name
         assert sorted(fields) == sorted(o.name for o in options), name

@@ -66,7 +66,7 @@ class CAR:
         from .unit_engine import score_units
 
         out = score_units(model, self.data, list(units), analysis=analysis, progress=False,
-                          **self.options)
+                          zero_skip=self.zero_skip, **self.options)
         self.last_cost = getattr(out, "cost", None)
         self.last = dict(out)
         return {u: s.importance.to(torch.float64) for u, s in self.last.items()}

@@ -68,7 +68,7 @@ def options() -> list[Option]:
                    "across the network until its FLOPs are at most this fraction of the original, "
                    "in (0, 1), e.g. 0.5"),
             Option("per_round", "int", None, "whole network: the most channels a round removes, "
-                   "at most one per unit (default: a quarter of the units, at least 1)"),
+                   "at most one per unit (default 1: strict greedy; more is faster but changes choices)"),
             Option("cost_aware", "bool", True, "whole network: rank channels by importance per FLOP "
                    "saved (--no-cost-aware: by importance alone)"),
             Option("filters_per_step", "int", 1, "filters removed per greedy step"),
