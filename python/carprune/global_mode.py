@@ -296,13 +296,15 @@ def compress_global(
     cb = callbacks
     stopped = ""
     static: dict[str, torch.Tensor] | None = None   # criteria that never change: scored once
+    current: nn.Module | None = None                # the pruned network for `removed`
     while True:
         flops = analysis.cost(removed)[0]
         if target is not None and flops <= target:
             stopped = f"FLOPs {flops:,} reached the target {target:,.0f}"
             break
         t0 = time.perf_counter()
-        current = _current_model(model, analysis, removed, x)
+        if current is None:       # the network as the last accepted round left it
+            current = _current_model(model, analysis, removed, x)
         cur_an = prunable_units(current, x)
         alive = {u: [c for c in range(analysis.unit(u).num_channels) if c not in set(removed[u])]
                  for u in names}
@@ -347,7 +349,8 @@ def compress_global(
             if (imp.rescore and len(chosen) >= per_round) or (
                     target is not None and analysis.cost(trial)[0] <= target):
                 break
-        acc_s, acc_h = evaluate(_current_model(model, analysis, trial, x))
+        after = _current_model(model, analysis, trial, x)
+        acc_s, acc_h = evaluate(after)
         acc = acc_h if acc_h is not None else acc_s
         base_acc = base_h if base_h is not None else base_s
         if max_drop is not None and not (
@@ -355,7 +358,7 @@ def compress_global(
             stopped = (f"round {len(trajectory) + 1} would take {metric_name} from {base_acc:.4f} "
                        f"to {acc:.4f}, beyond the relative max_drop={max_drop}; it was undone")
             break
-        removed = trial
+        removed, current = trial, after
         cost = getattr(imp, "last_cost", None) if imp.rescore else None
         fl, _ = analysis.cost(removed)
         rnd = GlobalRound(len(trajectory) + 1, chosen, fl, analysis.total_params(removed), acc_s,
@@ -375,7 +378,7 @@ def compress_global(
                 data={"flops": fl, "params": rnd.params, "accuracy": rnd.accuracy,
                       "removed": [asdict(r) for r in chosen], "seconds": rnd.seconds}))
         stop_point(cb, f"global round {rnd.round}")
-    final = _current_model(model, analysis, removed, x)
+    final = current if current is not None else _current_model(model, analysis, removed, x)
     return GlobalCompressionResult(
         units=names, criterion=imp.name, flops_target=flops_target, max_drop=max_drop,
         trajectory=trajectory, removed={u: c for u, c in removed.items()},

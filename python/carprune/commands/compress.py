@@ -27,7 +27,7 @@ import functools
 import re
 import shutil
 import tempfile
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -201,6 +201,35 @@ def checkpoint_for_rank(ckpt: Path, basis: Mapping[str, Any], ctx: distributed.C
     return private / "checkpoint.json", private
 
 
+def checkpointed_run(s: Settings, ctx: distributed.Context, out: Path, basis: Mapping[str, Any],
+                     body: Callable[[Path], Any], describe: Callable[[Any], str]) -> int:
+    """Both compress paths: the checkpoint (--checkpoint or <out>/checkpoint.json) and its
+    settings sidecar per rank (`checkpoint_for_rank`), `body(checkpoint path)` for the run, no
+    sidecar left behind by a run that failed before its first checkpoint, and on rank 0 the
+    result saved to `out` and `describe(result)` printed."""
+    ckpt = Path(s.checkpoint) if s.checkpoint else out / "checkpoint.json"
+    side_existed = sidecar(ckpt).exists()
+    my_ckpt, private = checkpoint_for_rank(ckpt, basis, ctx)
+    if ctx.is_main and my_ckpt.exists():
+        log.info("resuming from %s", my_ckpt)
+    try:
+        result = body(my_ckpt)
+    except BaseException:
+        # a run that failed before its first checkpoint leaves no sidecar describing none
+        if ctx.is_main and not side_existed and not ckpt.exists():
+            sidecar(ckpt).unlink(missing_ok=True)
+        raise
+    finally:
+        if private is not None:
+            shutil.rmtree(private, ignore_errors=True)
+    if ctx.is_main:
+        common.save_result(result, out)
+        print(describe(result), flush=True)
+        print(f"result: {out / 'result.json'}", flush=True)
+    ctx.barrier()
+    return common.EXIT_OK
+
+
 def run(settings: Mapping[str, Any], ctx: distributed.Context, run: common.Run, mode: str) -> int:
     from .. import greedy
     from ..finetune import FineTune
@@ -216,38 +245,22 @@ def run(settings: Mapping[str, Any], ctx: distributed.Context, run: common.Run, 
     if s.finetune_iters:
         _, train_data = common.other_data(s, s.seed, ctx, "train", s.train_data, s.train_split,
                                           None)
-    ckpt = Path(s.checkpoint) if s.checkpoint else out / "checkpoint.json"
-    side_existed = sidecar(ckpt).exists()
-    my_ckpt, private = checkpoint_for_rank(ckpt, s.files_basis(), ctx)
-    if ctx.is_main and my_ckpt.exists():
-        log.info("resuming from %s", my_ckpt)
     ft = None
     if train_data is not None:
         ft = FineTune(train_data=train_data, iters=s.finetune_iters,
                       batch_size=s.finetune_batch_size, seed=s.seed)
-    try:
+
+    def body(my_ckpt: Path) -> Any:
         with RunCallbacks(mode, interval=s.log_interval, ctx=ctx, preemptible=True) as callbacks:
-            result = greedy.compress_layer(
+            return greedy.compress_layer(
                 model, s.layer, data, eval_data=eval_data, criterion=s.criterion, metric=s.metric,
                 keep=s.keep, max_drop=s.max_drop, filters_per_step=s.filters_per_step,
                 score_images=s.num_images, eval_images=s.eval_images, finetune=ft,
                 checkpoint=my_ckpt, lazy=s.lazy, seed=s.seed, memory_budget=s.memory_budget,
                 dtype=s.torch_dtype, progress=mode == "bar" and ctx.is_main, callbacks=callbacks,
                 scorer_factory=functools.partial(distributed.ShardedScorer, ctx=ctx))
-    except BaseException:
-        # a run that failed before its first checkpoint leaves no sidecar describing none
-        if ctx.is_main and not side_existed and not ckpt.exists():
-            sidecar(ckpt).unlink(missing_ok=True)
-        raise
-    finally:
-        if private is not None:
-            shutil.rmtree(private, ignore_errors=True)
-    if ctx.is_main:
-        common.save_result(result, out)
-        print(summary(result), flush=True)
-        print(f"result: {out / 'result.json'}", flush=True)
-    ctx.barrier()
-    return common.EXIT_OK
+
+    return checkpointed_run(s, ctx, out, s.files_basis(), body, summary)
 
 
 def summary(result: Any) -> str:
@@ -319,13 +332,8 @@ def run_global(s: Settings, ctx: distributed.Context, mode: str) -> int:
     model = common.load_model(s, ctx)
     data = common.load_data(s, ctx, s.data, s.split)
     data, eval_data = common.other_data(s, s.seed, ctx, "eval", s.eval_data, s.eval_split, data)
-    ckpt = Path(s.checkpoint) if s.checkpoint else out / "checkpoint.json"
-    side_existed = sidecar(ckpt).exists()
     # compress_global's own checkpoint check covers its settings, not the scoring precision
     basis = {**s.files_basis(), "mode": "global", "dtype": s.dtype}
-    my_ckpt, private = checkpoint_for_rank(ckpt, basis, ctx)
-    if ctx.is_main and my_ckpt.exists():
-        log.info("resuming from %s", my_ckpt)
     criterion: Any = s.criterion
     if criterion == "car":
         car = distributed.ShardedCAR if ctx.world_size > 1 else CAR
@@ -335,7 +343,8 @@ def run_global(s: Settings, ctx: distributed.Context, mode: str) -> int:
     x, _ = load_batch(data, [0])
     base_flops = count_cost(model, tuple(x.shape[1:])).total_flops
     metric_name = metrics.get_metric(s.metric).name
-    try:
+
+    def body(my_ckpt: Path) -> Any:
         with RunCallbacks(mode, interval=s.log_interval, ctx=ctx, preemptible=True) as inner:
             callbacks = RoundProgress(inner, base_flops, s.flops_target, metric_name)
             if ctx.is_main:
@@ -348,23 +357,11 @@ def run_global(s: Settings, ctx: distributed.Context, mode: str) -> int:
                          s.criterion, f", scoring across {ctx.world_size} ranks"
                          if ctx.world_size > 1 and s.criterion == "car" else "")
             callbacks.start(f"compress global: {s.layer}")
-            result = compress_global(
+            return compress_global(
                 model, s.layers, data, flops_target=s.flops_target, max_drop=s.max_drop,
                 criterion=criterion, eval_data=eval_data, example_input=x,
                 score_images=s.num_images, eval_images=s.eval_images, per_round=s.per_round,
                 cost_aware=s.cost_aware, checkpoint=my_ckpt, memory_budget=s.memory_budget,
                 seed=s.seed, metric=s.metric, callbacks=callbacks)
-    except BaseException:
-        # a run that failed before its first checkpoint leaves no sidecar describing none
-        if ctx.is_main and not side_existed and not ckpt.exists():
-            sidecar(ckpt).unlink(missing_ok=True)
-        raise
-    finally:
-        if private is not None:
-            shutil.rmtree(private, ignore_errors=True)
-    if ctx.is_main:
-        common.save_result(result, out)
-        print(result.summary(), flush=True)
-        print(f"result: {out / 'result.json'}", flush=True)
-    ctx.barrier()
-    return common.EXIT_OK
+
+    return checkpointed_run(s, ctx, out, basis, body, lambda r: r.summary())
