@@ -7,6 +7,7 @@ before fine-tuning predicts accuracy after it; the round rule; the cost model of
     python -m benchmarks.bench_global --part b --net resnet20     # ~20 subnetworks, rank correlation
     python -m benchmarks.bench_global --part c                    # round rule (ResNet-20, 0.9 FLOPs)
     python -m benchmarks.bench_global --part d                    # cost model of the CAR run of (a)
+    python -m benchmarks.bench_global --part e                    # exact search vs full scoring
     python -m benchmarks.bench_global --part all --net resnet20   # a, b, c, d in that order
     python -m benchmarks.bench_global --part all --quick          # tiny smoke run (1 thread)
 
@@ -99,6 +100,7 @@ from torch import nn
 import carprune as cp
 from carprune import importance as imps
 from carprune.callbacks import Event
+from carprune.global_mode import rank_key
 from carprune.io import atomic_write, fingerprint, read_json, write_json
 from carprune.training import Schedule, train
 
@@ -801,25 +803,10 @@ def part_c(b: Bench) -> None:
 
 
 # -- part (d): cost model of the CAR run ---------------------------------------------------------
-def gemm_gflops(n: int = 1024, reps: int = 20) -> float:
-    """fp32 GEMM throughput at torch's current thread count (best of 3 timings of `reps`
-    n x n products), GFLOP/s."""
-    a, b = torch.randn(n, n), torch.randn(n, n)
-    for _ in range(3):
-        a @ b
-    best = math.inf
-    for _ in range(3):
-        t0 = time.perf_counter()
-        for _ in range(reps):
-            a @ b
-        best = min(best, time.perf_counter() - t0)
-    return 2 * n ** 3 * reps / best / 1e9
-
-
 def part_d(b: Bench) -> None:
     s = b.s
     env = _env(s)
-    gemm_now = gemm_gflops()
+    gemm_now = cp.cost.gemm_gflops(fresh=True)
     spec = car_spec(s)
     print(f"part (d): cost model of the CAR run of part (a) ({s.net}, {s.score_images} images, "
           f"{s.flops_target} x FLOPs)", flush=True)
@@ -869,7 +856,55 @@ def part_d(b: Bench) -> None:
                         "rounds": [asdict(r) for r in res.trajectory]}, md)
 
 
-PARTS = {"a": part_a, "b": part_b, "c": part_c, "d": part_d}
+# -- part (e): the exact search against full scoring, one round, side by side -------------------
+def part_e(b: Bench) -> None:
+    s = b.s
+    env = _env(s)
+    model = b.model()
+    an = cp.prunable_units(model, b.x)
+    units = [u.name for u in an.units]
+    saved = {u: an.saved_flops(u, {}) for u in units}
+    score = b.data.score(s.score_images)
+    print(f"part (e): first round of {s.net} on {s.score_images} scoring images, full scoring "
+          "then the exact search, one after the other", flush=True)
+
+    def rank(u: str, c: int, v: float) -> tuple:
+        return (rank_key(v, saved[u], True), units.index(u), c)
+
+    rows, doc = [], {}
+    full = cp.importance.CAR(score)
+    t0 = time.perf_counter()
+    vf = full(model, an, units)
+    tf = time.perf_counter() - t0
+    for picks in (1, 3):
+        car = cp.importance.CAR(score)
+        t0 = time.perf_counter()
+        vs = car.search(model, an, units, rank, picks=picks)
+        ts = time.perf_counter() - t0
+        same = all(torch.equal(vs[u][~vs[u].isnan()], vf[u][~vs[u].isnan()]) for u in units)
+        pick = [min(((rank(u, j, float(v[u][j])), u, j) for j in range(len(v[u]))
+                     if v[u][j] == v[u][j]), default=None) for v in (vf, vs) for u in units]
+        best_f = sorted(p for p in pick[:len(units)] if p)[:picks]
+        best_s = sorted(p for p in pick[len(units):] if p)[:picks]
+        st = car.last_search
+        doc[picks] = {"search": st, "seconds": ts, "exact_values_equal": same,
+                      "same_choice": best_f == best_s, "cost": asdict(car.last_cost)}
+        rows.append([picks, f"{st['pairs']:,} / {st['full_pairs']:,}",
+                     f"{st['pairs'] / st['full_pairs']:.3f}", f"{st['exact']} / {st['channels']}",
+                     sec(ts), sec(tf), f"{tf / ts:.2f}x", best_f == best_s, same])
+    md = "\n".join([
+        f"### Part (e): exact search against full scoring, {s.net}, first round, "
+        f"{s.score_images} scoring images", "",
+        f"threads {torch.get_num_threads()}, load average {env['load_average']} -> {_load()}; "
+        f"full scoring took {tf:.1f} s ({full.last_cost.gflops:.0f} GFLOP/s of tails, fp32 GEMM "
+        f"{cp.cost.gemm_gflops():.0f} GFLOP/s).", "",
+        md_table(["picks", "image-ablations (search / full)", "fraction", "channels scored to the end",
+                  "search (s)", "full (s)", "speed-up", "same choice", "exact values equal"], rows)])
+    write_part(s, "e", {"part": "e", "settings": asdict(s), "env_start": env, "full_seconds": tf,
+                        "full_cost": asdict(full.last_cost), "runs": doc}, md)
+
+
+PARTS = {"a": part_a, "b": part_b, "c": part_c, "d": part_d, "e": part_e}
 
 
 def main(argv: list[str] | None = None) -> None:

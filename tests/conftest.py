@@ -94,6 +94,16 @@ def lenet() -> torch.nn.Module:
 
 
 @pytest.fixture(scope="session")
+def lenet_weights(lenet, tmp_path_factory) -> Path:
+    """The trained LeNet-5's state dict in a .pt file (test_cli, test_cli_global, test_specs)."""
+    import torch
+
+    path = tmp_path_factory.mktemp("weights") / "lenet5.pt"
+    torch.save(lenet.state_dict(), path)
+    return path
+
+
+@pytest.fixture(scope="session")
 def mnist_test() -> cp.data.ImageArrayDataset:
     require(MNIST)
     import carprune as cp

@@ -1,5 +1,6 @@
-"""The `carprune` command: settings (flags over a TOML file), model and data specs, outputs, exit
-codes, batch-log progress, and preemption (SIGTERM, SIGKILL) with resume to the identical result.
+"""The `carprune` command: settings (flags over a TOML file), outputs, exit codes, batch-log
+progress, and preemption (SIGTERM, SIGKILL) with resume to the identical result. (Merging the
+settings: test_config.py; model and data specs: test_specs.py; the readers: test_data.py.)
 
 Most commands run in-process through `cli.main` (fast); the quick start, the log output and the
 preemption tests run the real `python -m carprune` in a subprocess, as a batch script would.
@@ -14,7 +15,6 @@ import shutil
 import signal
 import subprocess
 import sys
-import tarfile
 import threading
 import time
 import zipfile
@@ -23,11 +23,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from PIL import Image
 
 import carprune as cp
 from carprune import cli, config, preempt, specs
-from carprune.data import folder
 
 ROOT = Path(__file__).resolve().parents[1]
 DATA = ROOT.parent / "shared" / "data"
@@ -45,13 +43,6 @@ def _restore_signals():
     for s, h in saved.items():
         signal.signal(s, h)
     preempt.clear()
-
-
-@pytest.fixture(scope="session")
-def lenet_weights(lenet, tmp_path_factory) -> Path:
-    path = tmp_path_factory.mktemp("weights") / "lenet5.pt"
-    torch.save(lenet.state_dict(), path)
-    return path
 
 
 @pytest.fixture(scope="session")
@@ -143,135 +134,6 @@ def test_config_file_flags_override_and_paths_are_relative_to_the_file(
     (cfg_dir / "broken.toml").write_text('model = "lenet5\n')
     assert cli.main(["score", "--config", str(cfg_dir / "broken.toml"), "--out", str(out)]) == 2
     assert "not valid TOML" in capsys.readouterr().err
-
-
-def test_merge_settings_order_and_conversion():
-    opts = cli.command_options()
-    file_cfg = {"num_images": 50, "prune": {"conv": 0.5}, "deep-compress": {"bits": 6},
-                "score": {"layer": "a"}, "finetune_iters": [10, 20]}
-    s = config.merge_settings("deep-compress", opts["deep-compress"],
-                              {"prune": "conv=0.7,fc1=0.9", "model": "lenet5", "out": "o"},
-                              file_cfg, None, opts)
-    assert s["num_images"] == 50 and s["bits"] == 6 and s["finetune_iters"] == (10, 20)
-    assert s["prune"] == {"conv": 0.7, "fc1": 0.9}        # the flag replaces the file's table
-    assert s["_sources"]["bits"].endswith("[deep-compress]")
-    with pytest.raises(config.ConfigError,
-                       match=r"\[score\]: unknown setting 'layers' \(did you mean 'layer'"):
-        config.merge_settings("score", opts["score"], {}, {"score": {"layer": "a", "layers": 1}},
-                              None, opts)
-    keep = opts["compress"][[o.name for o in opts["compress"]].index("keep")]
-    assert config.convert(keep, "10", "flag") == 10 and config.convert(keep, "0.5", "flag") == 0.5
-
-
-# -- model and data specs ------------------------------------------------------------------------
-def test_model_specs(tmp_path, lenet_weights, monkeypatch):
-    assert isinstance(specs.build_model("resnet56"), cp.models.ResNetCifar)
-    assert specs.build_model("resnet56").depth == 56
-    (tmp_path / "mymodels.py").write_text(
-        "import torch.nn as nn\n"
-        "from carprune.models import lenet5\n"
-        "def small(num_classes=10, width=4):\n"
-        "    return nn.Sequential(nn.Conv2d(1, width, 3), nn.ReLU(), nn.Flatten(),\n"
-        "                         nn.Linear(width * 26 * 26, num_classes))\n"
-        "def lenet():\n    return lenet5()\n"
-        "def not_a_model():\n    return 3\n")
-    m = specs.build_model(f"{tmp_path / 'mymodels.py'}:small", model_kwargs={"width": 6})
-    assert m[0].out_channels == 6
-    monkeypatch.chdir(tmp_path)
-    monkeypatch.syspath_prepend(str(tmp_path))
-    lenet = specs.load_model("mymodels:lenet", lenet_weights)
-    ref = torch.load(lenet_weights)
-    assert all(torch.equal(v, ref[k]) for k, v in lenet.state_dict().items())
-    with pytest.raises(ValueError, match="returned int"):
-        specs.build_model("mymodels:not_a_model")
-    with pytest.raises(ValueError, match="has no callable 'nope'"):
-        specs.build_model("mymodels:nope")
-    with pytest.raises(ValueError, match="does not match"):
-        specs.load_model("resnet20", lenet_weights)
-    try:
-        import torchvision  # noqa: F401
-    except ImportError:
-        with pytest.raises(ValueError, match="need torchvision installed"):
-            specs.build_model("resnet18")
-    else:
-        assert isinstance(specs.build_model("resnet18"), torch.nn.Module)
-
-
-def _write_folder(root: Path, arrays: dict[str, tuple[np.ndarray, np.ndarray]], classes) -> None:
-    for split, (x, y) in arrays.items():
-        for i, (img, lab) in enumerate(zip(x, y, strict=True)):
-            d = root / split / classes[lab]
-            d.mkdir(parents=True, exist_ok=True)
-            Image.fromarray(img).save(d / f"{i:05d}.png")
-
-
-def test_folder_tar_and_npz_read_the_same_images(tmp_path, cifar_test, monkeypatch):
-    monkeypatch.setenv("CARPRUNE_CACHE", str(tmp_path / "cache"))
-    rng = np.random.default_rng(0)
-    idx = {s: np.sort(rng.choice(len(cifar_test), 30, replace=False)) for s in ("train", "test")}
-    arrays = {s: (cifar_test.images[i], cifar_test.labels[i]) for s, i in idx.items()}
-    names = ["c" + n for n in cp.data.CIFAR10_CLASSES]  # not CIFAR's names: no CIFAR defaults
-    root = tmp_path / "folder"
-    _write_folder(root, arrays, names)
-    with tarfile.open(tmp_path / "folder.tar.gz", "w:gz") as tar:
-        tar.add(root, arcname="folder")
-    order = sorted(names)
-    test_x, test_y = arrays["test"]
-    # the reader orders by class (sorted names), then by file name
-    want = np.lexsort((np.arange(30), [order.index(names[c]) for c in test_y]))
-    for src in (root, tmp_path / "folder.tar.gz"):
-        with pytest.raises(ValueError, match="holds the splits test, train"):
-            folder.load_images(src)
-        with pytest.raises(ValueError, match="no split 'val'"):
-            folder.load_images(src, "val")
-        ds = folder.load_images(src, "test", mean=[0.5], std=[0.25])
-        assert ds.classes == order
-        assert np.array_equal(ds.images, test_x[want])
-        assert [ds.classes[c] for c in ds.labels] == [names[c] for c in test_y[want]]
-        x, _ = ds.batch([0])
-        assert torch.allclose(x[0], (torch.from_numpy(test_x[want][0]).permute(2, 0, 1) / 255 - 0.5)
-                              / 0.25)
-        again = folder.load_images(src, "test", mean=[0.5], std=[0.25])  # from the cache
-        assert np.array_equal(again.images, ds.images)
-    assert len(list((tmp_path / "cache").glob("images-*.npz"))) == 2
-    grey = folder.load_images(root, "test", channels=1)
-    pil = np.stack([np.asarray(Image.fromarray(im).convert("L")) for im in test_x[want]])
-    assert np.array_equal(grey.images[..., 0], pil)
-    np.savez(tmp_path / "d.npz", images_test=test_x.transpose(0, 3, 1, 2), labels_test=test_y)
-    ds = folder.load_images(tmp_path / "d.npz", "test", mean=[0], std=[1])
-    assert np.array_equal(ds.images, test_x) and ds.classes == [str(i) for i in range(int(test_y.max()) + 1)]
-    with pytest.raises(ValueError, match="needs arrays x_train"):
-        folder.load_images(tmp_path / "d.npz", "train")
-    (tmp_path / "junk.npz").write_bytes(b"not a zip")
-    with pytest.raises(ValueError, match="not a readable .npz"):
-        folder.load_images(tmp_path / "junk.npz")
-
-
-def test_broken_or_mixed_size_images_are_named(tmp_path, cifar_test, monkeypatch):
-    monkeypatch.setenv("CARPRUNE_CACHE", str(tmp_path / "cache"))
-    arrays = {"test": (cifar_test.images[:4], np.array([0, 0, 1, 1]))}
-    for case in ("corrupt", "sizes"):
-        root = tmp_path / case
-        _write_folder(root, arrays, ["a", "b"])
-        if case == "corrupt":
-            (root / "test" / "b" / "00003.png").write_bytes(b"\x89PNG\r\n\x1a\n truncated")
-            needle = r"image (test/b/00003\.png|\S*corrupt/test/b/00003\.png) cannot be decoded"
-        else:
-            Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(root / "test" / "a" / "00001.png")
-            needle = r"images differ in size"
-        with tarfile.open(tmp_path / f"{case}.tar", "w") as tar:
-            tar.add(root, arcname=case)
-        for src in (root, tmp_path / f"{case}.tar"):
-            with pytest.raises(ValueError, match=needle):
-                folder.load_images(src, "test")
-    assert not list((tmp_path / "cache").glob("images-*.npz"))  # nothing cached from a failure
-
-
-def test_the_cifar_archive_gets_its_classes_and_normalisation(cifar_test):
-    ds = specs.load_data(CIFAR, "test")
-    assert ds.classes == list(cp.data.CIFAR10_CLASSES)
-    assert ds.mean == cifar_test.mean and ds.std == cifar_test.std
-    assert np.array_equal(ds.labels, cifar_test.labels) and np.array_equal(ds.images, cifar_test.images)
 
 
 # -- score ---------------------------------------------------------------------------------------

@@ -17,9 +17,8 @@ from carprune.commands import compress
 from carprune.config import settings_object
 from carprune.logging_utils import RunCallbacks
 
-# the command-line tests' fixtures and helpers: LeNet weights, the MNIST .npz with a test split,
-# signal handlers restored after each in-process run
-lenet_weights = base.lenet_weights
+# the command-line tests' fixtures and helpers: the MNIST .npz with a test split, signal handlers
+# restored after each in-process run (the LeNet weights: conftest.py)
 mnist_npz = base.mnist_npz
 _restore_signals = base._restore_signals
 lenet_args = base.lenet_args

@@ -1,5 +1,6 @@
-"""Typed settings: `config.settings_object` builds a command's frozen settings from the merged
-mapping, checks every value against its field's type and names what is wrong."""
+"""Settings: `config.merge_settings` merges flags over a TOML file's tables and converts flag
+strings; `config.settings_object` builds a command's frozen settings from the merged mapping,
+checks every value against its field's type and names what is wrong."""
 
 from __future__ import annotations
 
@@ -9,7 +10,7 @@ from typing import Any
 
 import pytest
 
-from carprune import config
+from carprune import cli, config
 from carprune.config import ConfigError, settings_object
 
 
@@ -91,3 +92,22 @@ def test_values_from_flags_and_files_pass_through_unchanged():
 
     got = settings_object(Kinds, s)
     assert got == Kinds(n=4, f=(0.1, 0.2), k=0.5, it=(3, 4), sp={"conv": 0.6}, t="auto")
+
+
+# -- merging flags over a file's tables; converting flag strings ----------------------------------
+def test_merge_settings_order_and_conversion():
+    opts = cli.command_options()
+    file_cfg = {"num_images": 50, "prune": {"conv": 0.5}, "deep-compress": {"bits": 6},
+                "score": {"layer": "a"}, "finetune_iters": [10, 20]}
+    s = config.merge_settings("deep-compress", opts["deep-compress"],
+                              {"prune": "conv=0.7,fc1=0.9", "model": "lenet5", "out": "o"},
+                              file_cfg, None, opts)
+    assert s["num_images"] == 50 and s["bits"] == 6 and s["finetune_iters"] == (10, 20)
+    assert s["prune"] == {"conv": 0.7, "fc1": 0.9}        # the flag replaces the file's table
+    assert s["_sources"]["bits"].endswith("[deep-compress]")
+    with pytest.raises(config.ConfigError,
+                       match=r"\[score\]: unknown setting 'layers' \(did you mean 'layer'"):
+        config.merge_settings("score", opts["score"], {}, {"score": {"layer": "a", "layers": 1}},
+                              None, opts)
+    keep = opts["compress"][[o.name for o in opts["compress"]].index("keep")]
+    assert config.convert(keep, "10", "flag") == 10 and config.convert(keep, "0.5", "flag") == 0.5

@@ -1,5 +1,7 @@
 """Data-free filter importance criteria against independent numpy computations on the real
-weights of the pretrained ResNet-20 and the trained LeNet-5. Consumers are written out by hand."""
+weights of the pretrained ResNet-20 and the trained LeNet-5. Consumers are written out by hand.
+Criteria are objects (`LayerCriterion`): the built-ins equal their names, and a user's object (a
+BatchNorm-scale criterion) ranks greedy compression end to end."""
 
 from __future__ import annotations
 
@@ -7,6 +9,7 @@ import numpy as np
 import pytest
 import torch
 
+import carprune as cp
 from carprune import criteria, graph
 
 # channels of the stem conv1 are read (through identity shortcuts and residual adds) by the first
@@ -164,3 +167,86 @@ def test_criteria_take_the_layer_analysis(resnet20, lenet):
                                criteria.filter_importance(model, layer, crit))
     with pytest.raises(ValueError, match=r"analysis is of layer 'conv2', not 'conv1'"):
         criteria.filter_importance(a, "conv1", "l1")
+
+
+# -- criteria as objects (`LayerCriterion`) ------------------------------------------------------
+class BNScale:
+    """A user criterion: |gamma| of the BatchNorm right after the layer (network slimming)."""
+
+    name = "bn_scale"
+
+    def __init__(self, rescore=False):
+        self.rescore = rescore
+        self.widths = []          # the filters the layer had at each call
+
+    def __call__(self, analysis):
+        bn = analysis.gm.get_submodule(str(analysis.bn_node.target))
+        self.widths.append(analysis.conv.weight.shape[0])
+        return bn.weight.detach().abs().double()
+
+
+def test_builtin_objects_are_the_named_criteria(resnet20):
+    a = graph.analyze(resnet20, "layer2.0.conv1")
+    for name, obj in (("mean_in", criteria.MeanIn()), ("mean_out", criteria.MeanOut()),
+                      ("l1", criteria.L1()), ("kse", criteria.KSE())):
+        assert obj.name == name and not obj.rescore
+        assert isinstance(obj, criteria.LayerCriterion)
+        assert type(criteria.get_criterion(name)) is type(obj)
+        assert torch.equal(obj(a), criteria.filter_importance(resnet20, "layer2.0.conv1", name))
+    assert torch.equal(criteria.Random(3)(a),
+                       criteria.filter_importance(resnet20, "layer2.0.conv1", "random", seed=3))
+    assert criteria.get_criterion("random", seed=3).name == "random(seed=3)"
+    # KSE's parameters reach kse_scores and name the object
+    k3 = criteria.KSE(neighbours=3, alpha=0.5)
+    assert k3.name == "kse(neighbours=3, alpha=0.5)"
+    out = criteria.outgoing_weights(a)
+    assert torch.equal(k3(a), criteria.kse_scores(out, alpha=0.5, neighbours=3))
+    assert not torch.equal(k3(a), criteria.KSE()(a))
+
+
+def test_a_user_criterion_ranks_greedy_compression(resnet20, cifar_test):
+    """BN-scale objects go through compress_layer: filters leave in the order of |gamma| (ties:
+    lower index), ranked once, or re-ranked each step on the pruned network with the same order
+    (the BatchNorm keeps the remaining gammas), and the result names the criterion."""
+    score = cifar_test.sample(40, seed=0)
+    gamma = resnet20.layer1[1].bn1.weight.detach().abs().double()
+    expect = sorted(range(16), key=lambda f: (float(gamma[f]), f))[:6]
+    once, again = BNScale(), BNScale(rescore=True)
+    r1 = cp.compress_layer(resnet20, "layer1.1.conv1", score, criterion=once, keep=10,
+                           filters_per_step=2, progress=False)
+    r2 = cp.compress_layer(resnet20, "layer1.1.conv1", score, criterion=again, keep=10,
+                           progress=False)
+    assert r1.removed == r2.removed == expect
+    assert [s.removed for s in r1.trajectory[1:]] == [expect[0:2], expect[2:4], expect[4:6]]
+    assert [v for s in r2.trajectory[1:] for v in s.scores] == [float(gamma[f]) for f in expect]
+    assert once.widths == [16] and again.widths == [16, 15, 14, 13, 12, 11]
+    assert r1.criterion == r1.config["criterion"] == "bn_scale"
+    # the pruned network is what the trajectory says: its layer lost exactly those filters
+    assert r1.model.layer1[1].conv1.out_channels == 10
+    # a built-in as an object: the same run, the same config string as its name
+    by_name = cp.compress_layer(resnet20, "layer1.1.conv1", score, criterion="l1", keep=14,
+                                progress=False)
+    by_obj = cp.compress_layer(resnet20, "layer1.1.conv1", score, criterion=criteria.L1(),
+                               keep=14, progress=False)
+    assert by_name.removed == by_obj.removed and by_name.config == by_obj.config
+
+
+def test_bad_criterion_objects(resnet20, cifar_test):
+    score = cifar_test.sample(8, seed=0)
+    for bad in (object(), lambda a: a, len):
+        with pytest.raises(TypeError, match=r"criterion must be a name \(random, mean_in, "
+                                            r"mean_out, l1, kse\) or a LayerCriterion: an object "
+                                            r"with name \(str\), rescore \(bool\) and __call__"):
+            cp.compress_layer(resnet20, "layer1.1.conv1", score, criterion=bad, keep=14,
+                              progress=False)
+
+    class Short(BNScale):
+        def __call__(self, analysis):
+            return super().__call__(analysis)[:-1]
+
+    with pytest.raises(ValueError, match=r"criterion 'bn_scale' must return a tensor \[16\] "
+                                         r"\(one value per filter of 'layer1.1.conv1'\), got "
+                                         r"Tensor \(15,\)"):
+        criteria.filter_importance(resnet20, "layer1.1.conv1", Short())
+    with pytest.raises(TypeError, match="LayerCriterion"):
+        criteria.get_criterion(3)

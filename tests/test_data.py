@@ -1,16 +1,22 @@
-"""Data access (carprune.data.batches): every form of data a user passes gives the same images,
-labels and class names, and the engine scores them identically."""
+"""The data package (carprune.data): every form of data a user passes gives the same images,
+labels and class names (batches.py), and the engine scores them identically; the rotated-MNIST
+regression set; the readers (the shared CIFAR-10 and MNIST splits, image folders, tar archives,
+.npz files) read the same images and name what is broken."""
 
 from __future__ import annotations
 
 import logging
+import tarfile
+from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+from PIL import Image
 from torch.utils.data import ConcatDataset, DataLoader, Subset, TensorDataset
 
 import carprune as cp
+from carprune.data import folder
 from carprune.data.batches import class_names, load_batch, num_items, pick_indices
 
 
@@ -134,12 +140,91 @@ def test_rotated_mnist_angles_splits_and_images():
         cp.data.TargetArrayDataset(test.images[:3], np.zeros(4), (0.0,), (1.0,))
 
 
-def test_angle_cnn_is_trained():
+# -- the readers: the shared sets' splits, image folders, tar archives, .npz ----------------------
+def test_pretrained_accuracy_and_splits(resnet20, cifar_test, mnist_test):
+    data = cifar_test.sample(1000, seed=0)
+    x, y = data.batch(slice(None))
+    with torch.no_grad():
+        acc = (resnet20(x).argmax(1) == y).double().mean().item()
+    assert 0.77 < acc < 0.85  # 81.0 % on the whole JPEG test set (shared/data/README)
+    train = cp.data.mnist5k(cp_mnist_path(), "train")
+    assert len(train) == 4000 and len(mnist_test) == 1000
+    assert np.bincount(mnist_test.labels).tolist() == [100] * 10
+    a, b = data.split(0.5, seed=1)
+    assert len(a) == len(b) == 500
+
+
+def cp_mnist_path():
     from conftest import MNIST
 
-    model = cp.models.pretrained_angle_cnn(MNIST)
-    x, t = cp.data.rotated_mnist5k(MNIST, "test").batch(slice(None))
-    with torch.no_grad():
-        mae = (model(x)[:, 0] - t).abs().mean().item()
-    assert mae < 11.0      # 9.5 degrees for the project's model; predicting 0 would give 30
-    assert t.abs().mean().item() > 25
+    return MNIST
+
+
+def _write_folder(root: Path, arrays: dict[str, tuple[np.ndarray, np.ndarray]], classes) -> None:
+    for split, (x, y) in arrays.items():
+        for i, (img, lab) in enumerate(zip(x, y, strict=True)):
+            d = root / split / classes[lab]
+            d.mkdir(parents=True, exist_ok=True)
+            Image.fromarray(img).save(d / f"{i:05d}.png")
+
+
+def test_folder_tar_and_npz_read_the_same_images(tmp_path, cifar_test, monkeypatch):
+    monkeypatch.setenv("CARPRUNE_CACHE", str(tmp_path / "cache"))
+    rng = np.random.default_rng(0)
+    idx = {s: np.sort(rng.choice(len(cifar_test), 30, replace=False)) for s in ("train", "test")}
+    arrays = {s: (cifar_test.images[i], cifar_test.labels[i]) for s, i in idx.items()}
+    names = ["c" + n for n in cp.data.CIFAR10_CLASSES]  # not CIFAR's names: no CIFAR defaults
+    root = tmp_path / "folder"
+    _write_folder(root, arrays, names)
+    with tarfile.open(tmp_path / "folder.tar.gz", "w:gz") as tar:
+        tar.add(root, arcname="folder")
+    order = sorted(names)
+    test_x, test_y = arrays["test"]
+    # the reader orders by class (sorted names), then by file name
+    want = np.lexsort((np.arange(30), [order.index(names[c]) for c in test_y]))
+    for src in (root, tmp_path / "folder.tar.gz"):
+        with pytest.raises(ValueError, match="holds the splits test, train"):
+            folder.load_images(src)
+        with pytest.raises(ValueError, match="no split 'val'"):
+            folder.load_images(src, "val")
+        ds = folder.load_images(src, "test", mean=[0.5], std=[0.25])
+        assert ds.classes == order
+        assert np.array_equal(ds.images, test_x[want])
+        assert [ds.classes[c] for c in ds.labels] == [names[c] for c in test_y[want]]
+        x, _ = ds.batch([0])
+        assert torch.allclose(x[0], (torch.from_numpy(test_x[want][0]).permute(2, 0, 1) / 255 - 0.5)
+                              / 0.25)
+        again = folder.load_images(src, "test", mean=[0.5], std=[0.25])  # from the cache
+        assert np.array_equal(again.images, ds.images)
+    assert len(list((tmp_path / "cache").glob("images-*.npz"))) == 2
+    grey = folder.load_images(root, "test", channels=1)
+    pil = np.stack([np.asarray(Image.fromarray(im).convert("L")) for im in test_x[want]])
+    assert np.array_equal(grey.images[..., 0], pil)
+    np.savez(tmp_path / "d.npz", images_test=test_x.transpose(0, 3, 1, 2), labels_test=test_y)
+    ds = folder.load_images(tmp_path / "d.npz", "test", mean=[0], std=[1])
+    assert np.array_equal(ds.images, test_x) and ds.classes == [str(i) for i in range(int(test_y.max()) + 1)]
+    with pytest.raises(ValueError, match="needs arrays x_train"):
+        folder.load_images(tmp_path / "d.npz", "train")
+    (tmp_path / "junk.npz").write_bytes(b"not a zip")
+    with pytest.raises(ValueError, match="not a readable .npz"):
+        folder.load_images(tmp_path / "junk.npz")
+
+
+def test_broken_or_mixed_size_images_are_named(tmp_path, cifar_test, monkeypatch):
+    monkeypatch.setenv("CARPRUNE_CACHE", str(tmp_path / "cache"))
+    arrays = {"test": (cifar_test.images[:4], np.array([0, 0, 1, 1]))}
+    for case in ("corrupt", "sizes"):
+        root = tmp_path / case
+        _write_folder(root, arrays, ["a", "b"])
+        if case == "corrupt":
+            (root / "test" / "b" / "00003.png").write_bytes(b"\x89PNG\r\n\x1a\n truncated")
+            needle = r"image (test/b/00003\.png|\S*corrupt/test/b/00003\.png) cannot be decoded"
+        else:
+            Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(root / "test" / "a" / "00001.png")
+            needle = r"images differ in size"
+        with tarfile.open(tmp_path / f"{case}.tar", "w") as tar:
+            tar.add(root, arcname=case)
+        for src in (root, tmp_path / f"{case}.tar"):
+            with pytest.raises(ValueError, match=needle):
+                folder.load_images(src, "test")
+    assert not list((tmp_path / "cache").glob("images-*.npz"))  # nothing cached from a failure

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import copy
 
-import numpy as np
 import pytest
 import torch
 
@@ -168,22 +167,6 @@ def test_num_images_takes_a_seeded_random_subset(resnet20, cifar_test):
     assert (a.class_totals > 0).sum() == 10
 
 
-def test_scores_save_load_roundtrip(tmp_path, resnet20, cifar_test):
-    s = cp.score_layer(resnet20, "layer3.2.conv1", cifar_test.sample(50), filters=[5, 2, 9],
-                       progress=False)
-    p = s.save(tmp_path / "s.npz")
-    t = cp.LayerScores.load(p)
-    assert torch.equal(t.counts, s.counts) and torch.equal(t.filters, s.filters)
-    assert t.classes == s.classes and t.layer == s.layer and t.topk == 1
-    assert torch.equal(t.car, s.car)
-    assert [p.name for p in tmp_path.iterdir()] == ["s.npz"]  # no temporary left behind
-    (tmp_path / "bad.npz").write_bytes(p.read_bytes()[:100])
-    with pytest.raises(ValueError, match="not a readable LayerScores file"):
-        cp.LayerScores.load(tmp_path / "bad.npz")
-    with pytest.raises(FileNotFoundError):
-        cp.LayerScores.load(tmp_path / "missing.npz")
-
-
 def test_bad_input_errors(resnet20, cifar_test):
     data = cifar_test.sample(20)
     with pytest.raises(cp.CutError, match="unknown layer 'layer9.conv1'.*layer1.0.conv1"):
@@ -247,60 +230,6 @@ def test_layer_without_valid_cut():
 
     with pytest.raises(cp.CutError, match="cannot be traced"):
         cp.score_layer(Branchy(), "conv", d)
-
-
-def test_checkpoint_and_data_errors(tmp_path):
-    from conftest import CIFAR, MNIST, RESNET20
-
-    state = torch.load(RESNET20, map_location="cpu", weights_only=True)["state_dict"]
-    state["module.extra.weight"] = torch.zeros(1)
-    del state["module.linear.bias"]
-    torch.save({"state_dict": state}, tmp_path / "bad.th")
-    with pytest.raises(ValueError, match="missing from the file: linear.bias.*not in the model: "
-                                         "extra.weight"):
-        cp.models.load_checkpoint(cp.models.resnet_cifar(20), tmp_path / "bad.th")
-    with pytest.raises(ValueError, match="shape mismatch: conv1.weight"):
-        cp.models.load_checkpoint(_wider_stem(), RESNET20)
-    (tmp_path / "junk.th").write_bytes(b"not a checkpoint")
-    with pytest.raises(ValueError, match="junk.th is not a PyTorch checkpoint, or it is corrupt"):
-        cp.models.load_checkpoint(cp.models.resnet_cifar(20), tmp_path / "junk.th")
-    with pytest.raises(FileNotFoundError, match="CIFAR-10 archive not found"):
-        cp.data.cifar10(tmp_path / "none.tar.gz")
-    (tmp_path / "trunc.tar.gz").write_bytes(CIFAR.read_bytes()[:200_000])
-    with pytest.raises(ValueError, match="truncated or corrupt"):
-        cp.data.cifar10(tmp_path / "trunc.tar.gz", "test")
-    (tmp_path / "m.npz").write_bytes(MNIST.read_bytes()[:1000])
-    with pytest.raises(ValueError, match="not a valid MNIST"):
-        cp.data.mnist5k(tmp_path / "m.npz")
-    with pytest.raises(ValueError, match="split must be"):
-        cp.data.cifar10(CIFAR, "val")
-    with pytest.raises(ValueError, match="depth must be 6n\\+2"):
-        cp.models.resnet_cifar(21)
-
-
-def _wider_stem():
-    m = cp.models.resnet_cifar(20)
-    m.conv1 = torch.nn.Conv2d(3, 16, 5, padding=2, bias=False)
-    return m
-
-
-def test_pretrained_accuracy_and_splits(resnet20, cifar_test, mnist_test):
-    data = cifar_test.sample(1000, seed=0)
-    x, y = data.batch(slice(None))
-    with torch.no_grad():
-        acc = (resnet20(x).argmax(1) == y).double().mean().item()
-    assert 0.77 < acc < 0.85  # 81.0 % on the whole JPEG test set (shared/data/README)
-    train = cp.data.mnist5k(cp_mnist_path(), "train")
-    assert len(train) == 4000 and len(mnist_test) == 1000
-    assert np.bincount(mnist_test.labels).tolist() == [100] * 10
-    a, b = data.split(0.5, seed=1)
-    assert len(a) == len(b) == 500
-
-
-def cp_mnist_path():
-    from conftest import MNIST
-
-    return MNIST
 
 
 # -- fully-connected neurons and Conv1d filters as units -------------------------------------------

@@ -116,3 +116,61 @@ def test_bad_input_is_named(resnet20, images):
         accuracy(resnet20, (x, y + 10))
     with pytest.raises(ValueError, match=r"returns 10 outputs, expected num_classes=5"):
         class_correct(resnet20, (x, y), num_classes=5)
+
+
+# -- metric_value: the one evaluator that knows the metric ---------------------------------------
+def reference_metrics(model, x, y):
+    """Per image, in float64 from one plain forward: top-1 and top-5 hits and the NLL."""
+    with torch.no_grad():
+        logits = copy.deepcopy(model).double().eval()(x.double())
+    top1 = (logits.argmax(1) == y).double()
+    top5 = (logits.topk(5, 1).indices == y[:, None]).any(1).double()
+    nll = torch.logsumexp(logits, 1) - logits[torch.arange(len(y)), y]
+    return {"top1": top1.numpy(), "top5": top5.numpy(), "nll": nll.numpy()}
+
+
+def test_metric_value_equals_a_float64_reference_and_the_engine(resnet20, images):
+    from carprune.engine import LayerScorer
+    from carprune.evaluate import metric_value
+
+    x, y = images.batch(slice(None))
+    ref = reference_metrics(resnet20, x, y)
+    idx = pick_indices(300, 120, seed=4)
+    model = copy.deepcopy(resnet20).double()
+    for name in ("top1", "top5", "nll"):
+        # (all images: top-1 as in the tests above, the NLL here; a seeded subset: every metric)
+        for n, sel in ((None, slice(None)), (120, idx)) if name == "nll" else ((120, idx),):
+            got = metric_value(model, images, metric=name, num_images=n, seed=4, batch_size=64)
+            want = ref[name][sel].mean()
+            # counts exactly; the NLL in fixed point (each value to 2^-24, so the mean to 2^-25)
+            assert got == (want if name != "nll" else pytest.approx(want, abs=2.0**-25)), (name, n)
+        # the engine's unablated value on the same seeded subset: the same float
+        engine = LayerScorer(model, "layer3.2.conv1", images, num_images=120, seed=4,
+                             dtype=torch.float64, metric=name, progress=False)
+        assert got == engine.score([]).base_value, name
+    # three different measures: top-5 > top-1 (0.97 and 0.75 here), the NLL an error (1.17)
+    assert ref["top5"].mean() > ref["top1"].mean() and ref["nll"].mean() > 0.1
+    # float32, the model as it is: top-k agree with float64 on these images; top-1 is accuracy
+    f32 = copy.deepcopy(resnet20).eval()
+    kw = {"num_images": 120, "seed": 4}
+    assert metric_value(f32, images, metric="top5", **kw) == ref["top5"][idx].mean()
+    assert metric_value(f32, images, **kw) == accuracy(f32, images, **kw) == ref["top1"][idx].mean()
+    assert metric_value(f32, images, metric="nll", **kw) == pytest.approx(ref["nll"][idx].mean(),
+                                                                          abs=1e-6)
+
+
+def test_metric_value_bad_arguments_are_named(resnet20, images):
+    from carprune.evaluate import metric_value
+
+    x, y = images.batch(np.arange(8))
+    with pytest.raises(ValueError, match=r"unknown metric 'accuracy'; built-in metrics: top1"):
+        metric_value(resnet20, images, metric="accuracy")
+    with pytest.raises(ValueError, match=r"metric must be a name, .* got int"):
+        metric_value(resnet20, images, metric=3)
+    with pytest.raises(ValueError, match=r"metric 'nll' needs class labels, .*floating point "
+                                         r"\(torch.float32, a regression task\)"):
+        metric_value(resnet20, (x, y.float()), metric="nll")
+    with pytest.raises(ValueError, match=r"bins group regression targets"):
+        metric_value(resnet20, (x, y), bins=4)
+    with pytest.raises(ValueError, match=r"metric 'mse' compares outputs with regression targets"):
+        metric_value(resnet20, (x, y), metric="mse")

@@ -185,3 +185,20 @@ def test_compress_layers_runs_in_sequence(lenet, lenet_split):
     score, _ = lenet_split
     seq = compress_layers(lenet, ["conv1", "conv2"], score, keep=0.5, progress=False)
     assert seq[1].model.conv1.out_channels == 10 and seq[1].model.conv2.out_channels == 25
+
+
+@pytest.mark.parametrize("per_round", [1, 2])
+def test_the_search_makes_the_same_choices_as_full_scoring(resnet20, cifar_test, per_round):
+    data = cifar_test.sample(90, seed=4)
+    kw = dict(flops_target=0.96, per_round=per_round)
+    units = ["layer1.2.conv1", "layer2.1.conv1", "layer2.2.conv1", "layer3.0.conv1",
+             "layer3.1.conv1", "layer3.0.conv2"]
+    full = compress_global(resnet20, units, data, search=False, **kw)
+    fast = compress_global(resnet20, units, data, **kw)
+    assert len(full.trajectory) >= 3
+    assert [[(c.unit, c.channel, c.importance, c.flops_saved) for c in r.removed]
+            for r in fast.trajectory] == \
+        [[(c.unit, c.channel, c.importance, c.flops_saved) for c in r.removed]
+         for r in full.trajectory]
+    assert sum(r.image_ablations for r in fast.trajectory) < \
+        sum(r.image_ablations for r in full.trajectory)

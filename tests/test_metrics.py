@@ -1,13 +1,13 @@
 """Metrics beyond top-1: the per-sample functions against their definitions, the fixed-point sums
-against order and chunking, target bins, LayerScores under any metric (and old files), and every
-built-in metric of the engine against an independent float64 masked forward on ResNet-20 and on
-the rotated-MNIST angle regressor. The references zero the cut channel with a forward hook on a
-module named here by hand and evaluate the metric with plain torch, image by image."""
+against order and chunking, target bins, and every built-in metric of the engine against an
+independent float64 masked forward on ResNet-20 and on the rotated-MNIST angle regressor
+(LayerScores under any metric, and its old files: test_scores.py). The references zero the cut
+channel with a forward hook on a module named here by hand and evaluate the metric with plain
+torch, image by image."""
 
 from __future__ import annotations
 
 import copy
-import json
 
 import numpy as np
 import pytest
@@ -118,68 +118,6 @@ def test_quantile_and_given_bins():
     assert bin_grouping(torch.zeros(5, 3), 1).assign(torch.zeros(5, 3)).tolist() == [0] * 5
     with pytest.raises(ValueError, match="one target value per sample"):
         bin_grouping(torch.zeros(5, 3), 4)
-
-
-# -- LayerScores under any metric ------------------------------------------------------------------
-def _error_scores():
-    # 2 units, 2 bins of 2 and 3 images; sums in fixed point
-    s = FIXED_POINT_SCALE
-    return cp.LayerScores(
-        layer="fc1", filters=torch.tensor([4, 1]), counts=torch.tensor([[3 * s, 9 * s], [2 * s, 6 * s]]),
-        base_counts=torch.tensor([2 * s, 6 * s]), class_totals=torch.tensor([2, 3]),
-        classes=["[-1, 0)", "[0, 1]"], metric="mse", higher_is_better=False, scale=s,
-        grouping="bin", bin_edges=[-1.0, 0.0, 1.0])
-
-
-def test_importance_of_an_error_metric():
-    sc = _error_scores()
-    assert sc.base_value == pytest.approx(8 / 5)
-    assert sc.value.tolist() == pytest.approx([12 / 5, 8 / 5])
-    # error-like: ablated - base
-    assert sc.importance.tolist() == pytest.approx([4 / 5, 0.0])
-    assert torch.allclose(sc.importance_c, torch.tensor([[0.5, 1.0], [0.0, 0.0]], dtype=torch.float64))
-    assert sc.order().tolist() == [1, 0] and sc.least_important() == [1]
-    with pytest.raises(ValueError, match="CAR is defined for top-k accuracy.*'mse'"):
-        _ = sc.car
-    with pytest.raises(ValueError, match="base_accuracy is defined for top-k"):
-        _ = sc.base_accuracy
-
-
-def test_top1_importance_is_car():
-    sc = cp.LayerScores(layer="c", filters=torch.tensor([0, 1]), counts=torch.tensor([[3, 4], [5, 1]]),
-                        base_counts=torch.tensor([5, 4]), class_totals=torch.tensor([6, 5]),
-                        classes=["a", "b"])
-    assert sc.metric == "top1" and sc.is_accuracy
-    assert torch.equal(sc.car, sc.importance) and torch.equal(sc.car_c, sc.importance_c)
-    assert sc.car.tolist() == pytest.approx([2 / 11, 3 / 11])
-    assert sc.base_accuracy == pytest.approx(9 / 11)
-    assert cp.LayerScores(layer="c", filters=torch.tensor([0]), counts=torch.tensor([[1]]),
-                          base_counts=torch.tensor([1]), class_totals=torch.tensor([1]),
-                          classes=["a"], topk=5).metric == "top5"
-    with pytest.raises(ValueError, match="target bins need 3 bin_edges"):
-        cp.LayerScores(layer="c", filters=torch.tensor([0]), counts=torch.tensor([[1, 1]]),
-                       base_counts=torch.tensor([1, 1]), class_totals=torch.tensor([1, 1]),
-                       classes=["a", "b"], metric="mae", higher_is_better=False, grouping="bin")
-
-
-def test_scores_files_old_and_new(tmp_path):
-    sc = _error_scores()
-    back = cp.LayerScores.load(sc.save(tmp_path / "mse.npz"))
-    for k in ("metric", "higher_is_better", "scale", "grouping", "bin_edges", "classes", "layer"):
-        assert getattr(back, k) == getattr(sc, k), k
-    assert torch.equal(back.counts, sc.counts) and torch.equal(back.importance, sc.importance)
-    # a file written by carprune before metrics existed (format version 1) still loads as top-1
-    meta = {"format": "carprune.LayerScores", "version": 1, "layer": "conv1", "classes": ["a", "b"],
-            "topk": 1, "removed": [3]}
-    np.savez(tmp_path / "old.npz", filters=np.array([0, 1]), counts=np.array([[1, 2], [0, 2]]),
-             base_counts=np.array([1, 2]), class_totals=np.array([2, 2]),
-             meta=np.frombuffer(json.dumps(meta).encode(), dtype=np.uint8))
-    old = cp.LayerScores.load(tmp_path / "old.npz")
-    assert old.metric == "top1" and old.removed == [3] and old.car.tolist() == [0.0, 0.25]
-    # top-k scores are still written as version 1, readable by earlier carprune
-    old.save(tmp_path / "again.npz")
-    with np.load(tmp_path / "again.npz") as z:
-        assert json.loads(z["meta"].tobytes())["version"] == 1
 
 
 # -- the engine against masked forwards ------------------------------------------------------------

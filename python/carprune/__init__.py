@@ -15,7 +15,19 @@ every stage about a custom module.
 
 import torch  # noqa: F401  (loads libtorch before the extension)
 
-from . import _ops, callbacks, data, importance, io, metrics, models, threads  # noqa: F401
+from . import (  # noqa: F401
+    _ops,
+    callbacks,
+    cost,
+    criteria,
+    data,
+    evaluate,
+    importance,
+    io,
+    metrics,
+    models,
+    threads,
+)
 from ._ops import ablate_conv, ablate_conv_head, class_correct_counts
 from .compare import Comparison, compare
 from .cost import CostReport, LayerCost, count_cost
@@ -99,9 +111,12 @@ __all__ = [
     "compress_layers",
     "conv_layers",
     "copy_model",
+    "cost",
     "count_cost",
+    "criteria",
     "data",
     "deep_compress",
+    "evaluate",
     "filter_importance",
     "finetune",
     "importance",

@@ -186,3 +186,27 @@ def count_cost(model: nn.Module, input_shape: tuple[int, ...] | torch.Size) -> C
     order = [name for name, _ in model.named_modules() if name in found]
     return CostReport(input_shape=shape, layers=[found[n] for n in order],
                       total_params=sum(p.numel() for p in model.parameters()))
+
+
+_GEMM: dict[int, float] = {}
+
+
+def gemm_gflops(n: int = 1024, reps: int = 20, *, fresh: bool = False) -> float:
+    """This machine's fp32 GEMM throughput at torch's current thread count, GFLOP/s: the best
+    of 3 timings of `reps` n x n products (measured once per thread count unless `fresh`).
+    What a scoring pass's tail throughput is compared with (`ScoringCost.describe`)."""
+    import time
+
+    threads = torch.get_num_threads()
+    if fresh or threads not in _GEMM:
+        a, b = torch.randn(n, n), torch.randn(n, n)
+        for _ in range(3):
+            a @ b
+        best = float("inf")
+        for _ in range(3):
+            t0 = time.perf_counter()
+            for _ in range(reps):
+                a @ b
+            best = min(best, time.perf_counter() - t0)
+        _GEMM[threads] = 2 * n ** 3 * reps / best / 1e9
+    return _GEMM[threads]

@@ -308,6 +308,15 @@ class ShardedCAR(CAR):
         super().__init__(data, **options)
         self.ctx = ctx or Context()
 
+    def search(self, model: nn.Module, analysis: UnitAnalysis, units: Sequence[str],
+               rank: Any, picks: int = 1, blocks: int = 8) -> dict[str, torch.Tensor]:
+        """Under torchrun: every channel scored, the units split across the ranks (`__call__`;
+        the same choices as the search, which is not split); alone: `CAR.search`."""
+        if self.ctx.active:
+            self.last_search = {}
+            return self(model, analysis, units)
+        return super().search(model, analysis, units, rank, picks=picks, blocks=blocks)
+
     def __call__(self, model: nn.Module, analysis: UnitAnalysis, units: Sequence[str]
                  ) -> dict[str, torch.Tensor]:
         ctx = self.ctx

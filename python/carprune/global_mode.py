@@ -42,6 +42,7 @@ from torch import nn
 from . import metrics, surgery
 from .callbacks import Callbacks, Event, stop_point
 from .data.batches import DataLike, load_batch
+from .evaluate import metric_value
 from .greedy import CompressionResult, compress_layer
 from .importance import Importance, get_importance
 from .io import fingerprint, read_json, same_run, write_json
@@ -92,6 +93,8 @@ class GlobalRound:
     ablations_run: int = 0          # of which evaluated (the rest: channel all zero, exact skip)
     tail_flops: float = 0.0         # floating-point operations (2 per MAC) of the tails run
     tail_seconds: float = 0.0
+    ablations_full: int = 0         # what scoring every candidate on every image would have been
+                                    # (more than image_ablations when the exact search ran)
 
     @property
     def accuracy(self) -> float:
@@ -188,14 +191,15 @@ def _current_model(model: nn.Module, analysis: UnitAnalysis, removed: dict[str, 
     return surgery.prune_units(model, rem, x, analysis=analysis).eval()
 
 
-def _metric_value(model: nn.Module, data: DataLike, num_images: int | None, seed: int,
-                  metric: Any, bins: Any, memory_budget: Any, layer: str) -> float:
-    """The metric's mean over the (seeded subset of) images, as the engine counts it."""
-    from .engine import LayerScorer
-
-    return LayerScorer(model, layer, data, num_images=num_images, seed=seed,
-                       memory_budget=memory_budget, progress=False, metric=metric,
-                       bins=bins).score([]).base_value
+def rank_key(val: float, saved: int, cost_aware: bool) -> tuple:
+    """A channel's place in a round (lowest first): importance per FLOP saved; a channel whose
+    removal loses nothing (or gains) before all others, the larger saving first. Never
+    decreases when `val` grows (what `importance.CAR.search` needs)."""
+    if not cost_aware:
+        return (val, 0)
+    if val > 0:
+        return (val / max(1, saved), -saved)
+    return (val * saved, -saved)
 
 
 def compress_global(
@@ -213,6 +217,7 @@ def compress_global(
     per_round: int | None = None,
     cost_aware: bool = True,
     min_channels: int = 1,
+    search: bool = True,
     checkpoint: str | os.PathLike | None = None,
     memory_budget: int | str | None = None,
     seed: int = 0,
@@ -235,7 +240,10 @@ def compress_global(
     without the one-per-unit limit, as one-shot global pruning does. `cost_aware`: rank by
     importance per FLOP saved (default) or by importance alone. `example_input`: a batch with
     the input shape (default: the first scoring image). `metric`/`bins` as `score_layer`: what
-    CAR ranks by and what the trajectory tracks.
+    CAR ranks by and what the trajectory tracks. `search`: a criterion with a `search` method
+    (CAR on a top-k metric) scores only what can change the round's choice, with an exact bound
+    (`importance.CAR.search`): the same choices as scoring every channel, fewer image-ablations;
+    False scores every channel on every image.
     """
     if flops_target is None and max_drop is None:
         raise ValueError("compress_global needs flops_target (a fraction of the FLOPs in (0, 1)) "
@@ -283,11 +291,12 @@ def compress_global(
             for c in r.removed:
                 removed[c.unit].append(c.channel)
 
-    probe = analysis.unit(names[0]).producers[0]   # any layer: nothing is ablated
-
     def evaluate(m: nn.Module) -> tuple[float, float | None]:
-        s = _metric_value(m, score_data, score_images, seed, metric, bins, memory_budget, probe)
-        h = (_metric_value(m, eval_data, eval_images, seed, metric, bins, memory_budget, probe)
+        # the metric's mean as the engine counts it (`evaluate.metric_value`)
+        s = metric_value(m, score_data, metric=metric, bins=bins, num_images=score_images,
+                         seed=seed, memory_budget=memory_budget)
+        h = (metric_value(m, eval_data, metric=metric, bins=bins, num_images=eval_images,
+                          seed=seed, memory_budget=memory_budget)
              if eval_data is not None else None)
         return s, h
 
@@ -313,7 +322,18 @@ def compress_global(
             stopped = f"no unit has more than min_channels={min_channels} channels left"
             break
         ts = time.perf_counter()
-        if imp.rescore or static is None:
+        saved_now = {u: analysis.saved_flops(u, removed) for u in cand_units}
+
+        def rank(u: str, c: int, val: float, saved_now: dict = saved_now,
+                 alive: dict = alive) -> tuple:
+            """The order of the round (lowest first): see the module docstring."""
+            return (rank_key(val, saved_now[u], cost_aware), names.index(u), alive[u][c])
+
+        searched: dict = {}
+        if imp.rescore and search and hasattr(imp, "search"):
+            values = imp.search(current, cur_an, cand_units, rank, picks=per_round)
+            searched = getattr(imp, "last_search", None) or {}
+        elif imp.rescore or static is None:
             values = imp(current, cur_an, cand_units)
             if not imp.rescore:
                 # current numbering -> original channel numbers, kept for later rounds
@@ -324,21 +344,15 @@ def compress_global(
         score_s = time.perf_counter() - ts
         cands = []
         for u in cand_units:
-            saved = analysis.saved_flops(u, removed)
-            v = values[u]
             for j, c in enumerate(alive[u]):
-                val = float(v[j])
-                if not cost_aware:
-                    key = (val, 0)
-                elif val > 0:
-                    key = (val / max(1, saved), -saved)
-                else:   # removing it costs nothing (or helps): the largest saving first
-                    key = (val * saved, -saved)
-                cands.append((key, names.index(u), c, u, val))
+                val = float(values[u][j])
+                if val != val:   # NaN: proven not to be chosen this round (the search)
+                    continue
+                cands.append((rank(u, j, val), c, u, val))
         cands.sort()
         chosen: list[RemovedChannel] = []
         trial = {u: list(c) for u, c in removed.items()}
-        for _key, _i, c, u, value in cands:
+        for _rank, c, u, value in cands:
             if imp.rescore and any(r.unit == u for r in chosen):
                 continue            # re-scored criteria: at most one channel per unit per round
             if len(alive[u]) - len(trial[u]) + len(removed[u]) <= min_channels:
@@ -366,7 +380,9 @@ def compress_global(
                           sum(c.pairs for c in cost.units) if cost else 0,
                           sum(c.pairs_run for c in cost.units) if cost else 0,
                           float(cost.tail_flops) if cost else 0.0,
-                          float(cost.tail_seconds) if cost else 0.0)
+                          float(cost.tail_seconds) if cost else 0.0,
+                          searched.get("full_pairs", sum(c.pairs for c in cost.units))
+                          if cost else 0)
         trajectory.append(rnd)
         if ckpt is not None:
             write_json(ckpt, {"fingerprint": fp, "config": config,
@@ -388,4 +404,4 @@ def compress_global(
 
 
 __all__ = ["GlobalCompressionResult", "GlobalRound", "RemovedChannel", "compress_global",
-           "compress_layers"]
+           "compress_layers", "rank_key"]

@@ -3,9 +3,11 @@
 Each CAR step re-scores every remaining filter on the current structure and removes the least
 important. One `LayerScorer` serves the whole run: the activations at the cut are computed once,
 and each removal updates the consumer's cached pre-activation incrementally. Baseline criteria
-(random, mean_in, mean_out, l1, kse) rank the filters once (their scores do not depend on which
-other filters of the layer are gone) and go through the same driver, so every curve is measured
-the same way. A checkpoint is written after every step; a restarted run resumes from it.
+(random, mean_in, mean_out, l1, kse: `criteria.LayerCriterion` objects, or one of the user's)
+rank the filters once (their scores do not depend on which other filters of the layer are gone;
+a criterion with `rescore` re-ranks after every step) and go through the same driver, so every
+curve is measured the same way. A checkpoint is written after every step; a restarted run
+resumes from it.
 
 The run itself neither prints nor reads process-wide flags: it reports each step to its
 `callbacks` (`carprune.callbacks`) and asks them whether to stop right after each checkpoint is
@@ -36,6 +38,7 @@ from .callbacks import Callbacks, Event, ProgressBar, show_progress, stop_point
 from .cost import count_cost
 from .data.batches import DataLike, num_items
 from .engine import LayerScorer, parse_bytes
+from .evaluate import metric_value
 from .finetune import FineTune, finetune
 from .io import fingerprint, read_json, same_run, write_json
 from .results import PrunedModelResult
@@ -181,7 +184,7 @@ def compress_layer(
     score_data: DataLike,
     *,
     eval_data: DataLike | None = None,
-    criterion: str = "car",
+    criterion: str | criteria.LayerCriterion = "car",
     metric: str | metrics.Metric | metrics.PerSample | None = None,
     bins: int | Sequence[float] | None = None,
     keep: float | int | None = None,
@@ -206,10 +209,14 @@ def compress_layer(
 
     criterion: 'car' re-scores every remaining filter after each removal (Algorithm 1) by the
     importance under `metric` (default top-1: CAR; 'nll', 'mse', 'mae' (RAR), a callable: see
-    `score_layer`; `bins` groups regression targets); the baselines rank once. Whatever the
-    criterion, the trajectory tracks `metric`. `lazy` (CAR only) re-scores only filters that can
-    still be the minimum, trusting earlier scores as bounds: faster, and measured in benchmarks/
-    against the default.
+    `score_layer`; `bins` groups regression targets); the baselines ('random', 'mean_in',
+    'mean_out', 'l1', 'kse', or any `criteria.LayerCriterion` object) rank once, or, when the
+    object's `rescore` is True, after every step on the network with the removed filters taken
+    out (`surgery.prune_filters`; its values are then for the remaining filters in original
+    order). The result and checkpoint name the criterion by the string given, or the object's
+    `name`. Whatever the criterion, the trajectory tracks `metric`. `lazy` (CAR only) re-scores
+    only filters that can still be the minimum, trusting earlier scores as bounds: faster, and
+    measured in benchmarks/ against the default.
 
     `checkpoint`: a JSON file written after every step; a call with the same settings resumes
     from it (ValueError if it belongs to another run).
@@ -233,13 +240,16 @@ def compress_layer(
     splits each step's scoring across torchrun ranks, ``functools.partial(LayerScorer,
     fused_head=False)`` forces the generic tail.
     """
-    if criterion not in CRITERIA:
-        raise ValueError(f"unknown criterion {criterion!r}; choose from {', '.join(CRITERIA)}")
+    if isinstance(criterion, str) and criterion not in CRITERIA:
+        raise ValueError(f"unknown criterion {criterion!r}; choose from {', '.join(CRITERIA)} "
+                         "or pass a criteria.LayerCriterion object")
+    if not isinstance(criterion, str):
+        criteria.get_criterion(criterion)     # TypeError unless a LayerCriterion
     if filters_per_step < 1:
         raise ValueError(f"filters_per_step must be >= 1, got {filters_per_step}")
     if max_drop is not None and not 0 <= max_drop < 1:
         raise ValueError(f"max_drop is a relative accuracy drop in [0, 1), got {max_drop}")
-    if lazy and criterion != "car":
+    if lazy and not (isinstance(criterion, str) and criterion == "car"):
         raise ValueError("lazy re-scoring applies to the 'car' criterion only")
     show = show_progress(progress)
     own = None
@@ -275,7 +285,11 @@ def _compress_layer(model, layer, score_data, eval_data, criterion, metric, bins
     target = _target_kept(n, keep)
     input_shape = tuple(_input_shape(score_data))
     analysis = graph.analyze(model, layer, torch.zeros(1, *input_shape))
-    config = {"layer": layer, "criterion": criterion, "keep": keep, "max_drop": max_drop,
+    # CAR: the scorer; any other criterion: its object (built-ins keep their names in config)
+    rank = None if isinstance(criterion, str) and criterion == "car" else \
+        criteria.get_criterion(criterion, seed=seed)
+    label = criterion if isinstance(criterion, str) else rank.name
+    config = {"layer": layer, "criterion": label, "keep": keep, "max_drop": max_drop,
               "filters_per_step": filters_per_step, "score_images": len(scorer.indices),
               "eval_images": len(holdout.indices) if holdout is not None else None,
               "score_size": num_items(score_data),
@@ -306,8 +320,8 @@ def _compress_layer(model, layer, score_data, eval_data, criterion, metric, bins
     better = measure.higher_is_better
     floor = None if max_drop is None else (1 - max_drop if better else 1 + max_drop) * base_acc
     order = None
-    if criterion != "car":
-        imp = criteria.filter_importance(analysis, layer, criterion, seed=seed)
+    if rank is not None and not rank.rescore:
+        imp = criteria.filter_importance(analysis, layer, rank, seed=seed)
         order = sorted(range(n), key=lambda f: (float(imp[f]), f))
     per_filter = analysis.per_filter
     del analysis  # (its traced copy of the model is not needed any more)
@@ -326,8 +340,12 @@ def _compress_layer(model, layer, score_data, eval_data, criterion, metric, bins
             break
         t0 = time.perf_counter()
         k = min(filters_per_step, len(alive) - target)
-        if criterion == "car":
+        if rank is None:
             picks, vals = _car_pick(scorer, alive, k, lazy, stale)
+        elif rank.rescore:
+            now = _rescore(model, layer, rank, scorer.removed, alive, input_shape)
+            picks = sorted(alive, key=lambda f: (now[f], f))[:k]
+            vals = [now[f] for f in picks]
         else:
             gone = set(scorer.removed)
             picks = [f for f in order if f not in gone][:k]
@@ -343,7 +361,7 @@ def _compress_layer(model, layer, score_data, eval_data, criterion, metric, bins
                               "trajectory": [asdict(s) for s in trajectory]})
         if callbacks is not None:
             callbacks.on_event(Event(
-                "greedy", step.step, _step_message(layer, step, n, criterion, measure),
+                "greedy", step.step, _step_message(layer, step, n, label, measure),
                 data={**head, "done": n - step.kept, "removed": picks, "scores": vals,
                       "kept": step.kept, "score_accuracy": acc_s, "holdout_accuracy": acc_h}))
             stop_point(callbacks, f"step {step.step} of {layer}")
@@ -355,7 +373,7 @@ def _compress_layer(model, layer, score_data, eval_data, criterion, metric, bins
     removed = [f for s in trajectory[1:final + 1] for f in s.removed]
     kept = [f for f in range(n) if f not in set(removed)]
     pruned = surgery.prune_filters(model, layer, removed) if removed else surgery.copy_model(model)
-    result = CompressionResult(layer=layer, criterion=criterion, num_filters=n, removed=removed,
+    result = CompressionResult(layer=layer, criterion=label, num_filters=n, removed=removed,
                                kept=kept, trajectory=trajectory, config=config, model=pruned,
                                metric=measure.name)
     if finetune is not None:
@@ -379,6 +397,16 @@ def _step_message(layer: str, step: Step, n: int, criterion: str, measure: metri
     else:
         what = [f"{f} ({criterion} {v:.4g})" for f, v in zip(step.removed, step.scores, strict=True)]
     return f"{layer}: removed filter {', '.join(what)}; {step.kept} of {n} left"
+
+
+def _rescore(model: nn.Module, layer: str, rank: criteria.LayerCriterion, removed: list[int],
+             alive: list[int], input_shape: tuple[int, ...]) -> dict[int, float]:
+    """A re-scoring criterion's value of each filter in `alive` (original numbers, ascending) on
+    `model` with `removed` taken out physically (the pruned layer numbers `alive` in order)."""
+    net = surgery.prune_filters(model, layer, removed) if removed else model
+    v = criteria.filter_importance(graph.analyze(net, layer, torch.zeros(1, *input_shape)), None,
+                                   rank)
+    return dict(zip(alive, v.tolist(), strict=True))
 
 
 def _input_shape(data: DataLike) -> tuple[int, ...]:
@@ -422,6 +450,6 @@ def _finetune_and_evaluate(result: CompressionResult, cfg: FineTune, eval_data, 
                            show, memory_budget, metric=None) -> None:
     finetune(result.model, result.layer, cfg, progress=show)
     if eval_data is not None:
-        s = LayerScorer(result.model, result.layer, eval_data, num_images=eval_images, seed=seed,
-                        memory_budget=memory_budget, progress=False, metric=metric).score([])
-        result.finetuned_holdout_accuracy = s.base_value
+        result.finetuned_holdout_accuracy = metric_value(
+            result.model, eval_data, metric=metric, num_images=eval_images, seed=seed,
+            memory_budget=memory_budget)

@@ -20,9 +20,11 @@ Users add their own by implementing the same call (a `Protocol`).
 from __future__ import annotations
 
 import copy
-from collections.abc import Sequence
+import time
+from collections.abc import Callable, Sequence
 from typing import Any, Protocol, runtime_checkable
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -60,6 +62,7 @@ class CAR:
         self.metric_name = metrics.get_metric(metric).name
         self.last: dict[str, LayerScores] = {}
         self.last_cost: Any = None
+        self.last_search: dict[str, int] = {}
 
     def __call__(self, model: nn.Module, analysis: UnitAnalysis, units: Sequence[str]
                  ) -> dict[str, torch.Tensor]:
@@ -70,6 +73,132 @@ class CAR:
         self.last_cost = getattr(out, "cost", None)
         self.last = dict(out)
         return {u: s.importance.to(torch.float64) for u, s in self.last.items()}
+
+    def search(self, model: nn.Module, analysis: UnitAnalysis, units: Sequence[str],
+               rank: Callable[[str, int, float], Any], picks: int = 1,
+               blocks: int = 8) -> dict[str, torch.Tensor]:
+        """Per unit, float64 [channels]: the exact CAR of every channel that can be among the
+        first `picks` channels by `rank` (at most one per unit, lowest first), NaN for the
+        channels proven not to be; the same choices as ranking `self(...)`, for less work.
+
+        `rank(unit, channel, value)` is the sort key of a channel with importance `value`; it
+        must not decrease when `value` grows. The bound is exact, not statistical: a top-k
+        count is a sum over images of base - ablated, each term -1, 0 or +1, and an image the
+        unablated network gets wrong can only add 0 or -1. The images are ordered by their margin in a plain
+        forward: those the network gets wrong first, then the rest, nearest to flipping first,
+        in `blocks` blocks. Every
+        channel is scored on the wrong ones and the first block; the few channels ranked best
+        so far are scored to the end, which fixes the threshold (the `picks`-th best unit's
+        best key); a channel is then dropped as soon as its partial count minus the images
+        still to come that its unit's unablated network gets wrong (counted by the engine, per
+        block) ranks above the threshold. Metrics that are not top-k counts have no such bound:
+        everything is scored (`self(...)`). The cost of all the runs is in `last_cost`, what
+        the search saved in `last_search`."""
+        from .unit_engine import ScoringCost, UnitCost, UnitScoring
+
+        t_start = time.perf_counter()
+        measure = metrics.get_metric(self.options["metric"], self.options.get("topk", 1))
+        if not measure.exact_counts or not measure.higher_is_better:
+            self.last_search = {}
+            return self(model, analysis, units)
+        sc = UnitScoring(model, self.data, list(units), analysis=analysis,
+                         zero_skip=self.zero_skip, **self.options)
+        idx = sc.indices
+        n = len(idx)
+        margin = sc.margins()
+        wrong_first = idx[np.argsort(margin, kind="stable")]   # then the nearest to flipping
+        cut = int((margin <= 0).sum())
+        order = [b for b in [wrong_first[:cut], *np.array_split(wrong_first[cut:], max(1, blocks))]
+                 if len(b)]
+        alive = {u: sc.scorers[u].alive for u in units}
+        pos = {u: {c: j for j, c in enumerate(alive[u])} for u in units}
+        costs: dict[str, UnitCost] = {}
+        prefix_s = 0.0
+        scale = 1.0
+
+        def run(block: np.ndarray, chans: dict[str, list[int]]) -> dict[str, Any]:
+            nonlocal prefix_s, scale
+            res = sc.run(block, chans)
+            prefix_s += res.cost.prefix_seconds
+            for c in res.cost.units:
+                if c.unit in costs:
+                    k = costs[c.unit]
+                    k.pairs += c.pairs
+                    k.pairs_run += c.pairs_run
+                    k.seconds += c.seconds
+                    k.channels = max(k.channels, c.channels)
+                else:
+                    costs[c.unit] = c
+            for s in res.values():
+                scale = s.scale
+            return dict(res)
+
+        # what each unit's unablated network gets wrong, per block (the engine's own counts)
+        wrong = {u: np.zeros(len(order), dtype=np.int64) for u in units}
+        for t, block in enumerate(order):
+            for u, s in run(block, {u: [] for u in units}).items():
+                wrong[u][t] = len(block) - int(s.base_counts.sum())
+        later = {u: np.concatenate([np.cumsum(w[::-1])[::-1][1:], [0]]) for u, w in wrong.items()}
+        part = {u: torch.zeros(len(alive[u]), dtype=torch.int64) for u in units}
+        seen = {u: torch.zeros(len(alive[u]), dtype=torch.int64) for u in units}
+
+        def add(t: int, chans: dict[str, list[int]]) -> None:
+            chans = {u: c for u, c in chans.items() if c}
+            if not chans:
+                return
+            for u, s in run(order[t], chans).items():
+                j = torch.tensor([pos[u][int(c)] for c in s.filters], dtype=torch.int64)
+                part[u][j] += s.base_counts.sum() - s.counts.sum(1)
+                seen[u][j] += 1
+
+        def value(u: str, count: int) -> float:
+            return float(torch.tensor(count, dtype=torch.int64).double() / (scale * max(1, n)))
+
+        def key(u: str, j: int, count: int) -> Any:
+            return rank(u, alive[u][j], value(u, count))
+
+        first = min(2, len(order))
+        for t in range(first):
+            add(t, {u: list(alive[u]) for u in units})
+        # the candidates ranked best so far, scored to the end: they fix the threshold
+        est = sorted((key(u, j, int(part[u][j])), u, j) for u in units for j in range(len(alive[u])))
+        lead: dict[str, set[int]] = {u: set() for u in units}
+        for _, u, j in est:
+            if len([v for v in lead.values() if v]) >= picks + 2:
+                break
+            if not lead[u]:
+                lead[u].add(j)
+        for _, u, j in est[:picks + 2]:
+            lead[u].add(j)
+        for t in range(first, len(order)):
+            add(t, {u: [alive[u][j] for j in sorted(js)] for u, js in lead.items()})
+        best = sorted(min(key(u, j, int(part[u][j])) for j in js) for u, js in lead.items() if js)
+        thr = best[picks - 1] if len(best) >= picks else None
+        live = {u: [j for j in range(len(alive[u])) if j not in lead[u]] for u in units}
+        for t in range(first, len(order)):
+            if thr is not None:
+                live = {u: [j for j in js if not key(u, j, int(part[u][j]) - int(later[u][t - 1])) > thr]
+                        for u, js in live.items()}
+            add(t, {u: [alive[u][j] for j in js] for u, js in live.items()})
+        out = {}
+        for u in units:
+            v = torch.full((len(alive[u]),), float("nan"), dtype=torch.float64)
+            exact = seen[u] == len(order)   # scored on every block
+            for j in exact.nonzero().flatten().tolist():
+                v[j] = value(u, int(part[u][j]))
+            out[u] = v
+        full = sum(len(alive[u]) for u in units) * n
+        self.last = {}
+        self.last_cost = ScoringCost(images=n, prefix_macs=sc.prefix_macs, prefix_seconds=prefix_s,
+                                     seconds=time.perf_counter() - t_start,
+                                     threads=torch.get_num_threads(),
+                                     units=[costs[u] for u in units if u in costs])
+        done = sum(c.pairs for c in self.last_cost.units)
+        self.last_search = {"pairs": done, "full_pairs": full,
+                            "exact": int(sum(int((~out[u].isnan()).sum()) for u in units)),
+                            "channels": sum(len(alive[u]) for u in units),
+                            "wrong": cut, "blocks": len(order)}
+        return out
 
     def base_value(self) -> float:
         """The metric's mean on the scoring images for the model last scored."""

@@ -38,12 +38,14 @@ from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+import numpy as np
 import torch
 from torch import fx, nn
 
 from . import graph, metrics
 from .callbacks import Callbacks, Event, progress_callbacks
 from .cost import CostReport, count_cost
+from .cost import gemm_gflops as gemm_measured
 from .data.batches import DataLike, load_batch, num_items, resolve
 from .engine import (
     LayerScorer,
@@ -59,8 +61,9 @@ from .io import read_json, write_json
 from .scores import LayerScores
 from .units import Site, Unit, UnitAnalysis, prunable_units
 
-# GEMM throughput of the project's 2-core machines (fp32, 2 threads; issue 12), for the ratio
-# `ScoringCost` reports. Pass your machine's figure to `ScoringCost.describe`.
+# fp32 GEMM throughput on 2 threads that issue 12 quotes for the project's machines; the
+# machines measured since are faster (`cost.gemm_gflops`: 400-430 GFLOP/s at 1024^3 on 2 idle
+# threads), so `ScoringCost.describe` compares with a measurement by default.
 REFERENCE_GEMM_GFLOPS = 98.0
 
 
@@ -524,7 +527,11 @@ class ScoringCost:
     def gflops(self) -> float:
         return self.tail_flops / max(self.tail_seconds, 1e-12) / 1e9
 
-    def describe(self, gemm_gflops: float = REFERENCE_GEMM_GFLOPS) -> str:
+    def describe(self, gemm_gflops: float | None = None) -> str:
+        """Readable cost; the tail throughput as a fraction of `gemm_gflops` (default: this
+        machine's fp32 GEMM throughput at the current thread count, `cost.gemm_gflops`)."""
+        if gemm_gflops is None:
+            gemm_gflops = gemm_measured()
         pairs = sum(u.pairs for u in self.units)
         run = sum(u.pairs_run for u in self.units)
         lines = [f"{len(self.units)} units on {self.images} images, {self.threads} threads: "
@@ -532,7 +539,7 @@ class ScoringCost:
                  f"{self.tail_seconds:.2f} s); {pairs:,} (image, ablation) pairs, {run:,} run "
                  f"({100 * (pairs - run) / max(1, pairs):.1f} % all-zero, skipped); tails "
                  f"{self.tail_flops / 1e9:.2f} GFLOP at {self.gflops:.1f} GFLOP/s = "
-                 f"{100 * self.gflops / gemm_gflops:.0f} % of {gemm_gflops:g} GFLOP/s GEMM"]
+                 f"{100 * self.gflops / gemm_gflops:.0f} % of {gemm_gflops:.0f} GFLOP/s fp32 GEMM"]
         for u in self.units:
             lines.append(f"  {u.unit} [{u.path}]: {u.channels} channels, {u.pairs:,} pairs "
                          f"({u.pairs_run:,} run) x {u.run_macs:,} MACs (dense tail "
@@ -622,96 +629,178 @@ def score_units(
     unit's tail reads is kept for the chunk (chunk size from `memory_budget`) and each unit's
     tails run on it. The result maps unit names to `LayerScores` and carries `cost`
     (`ScoringCost`: pairs x tail MACs and seconds per unit, for the GEMM-throughput ratio).
-    `callbacks.on_event` hears of every chunk (algorithm "score-units").
+    `callbacks.on_event` hears of every chunk (algorithm "score-units"). `UnitScoring` is the
+    same work split into calls on chosen images and channels.
     """
-    data = resolve(data)
-    if analysis is None:
-        from .data.batches import pick_indices
-        x0, _ = load_batch(data, pick_indices(num_items(data), num_images, seed)[:1])
-        analysis = prunable_units(model, x0)
-    names = [u.name for u in analysis.units] if units is None else \
-        [analysis.unit(u).name for u in units]
-    if not names:
-        raise ValueError("no units to score (the analysis has none, or units=[] was passed)")
-    rem = _check_removed(analysis, removed)
     t_start = time.perf_counter()
-    params = list(model.parameters())
-    dev = torch.device(device) if device is not None else (
-        params[0].device if params else torch.device("cpu"))
-    base = trace_for_units(model, analysis).to(device=dev, dtype=dtype)
-    common = dict(num_images=num_images, seed=seed, memory_budget=memory_budget, device=dev,
-                  dtype=dtype, topk=topk, metric=metric, bins=bins, classes=classes,
-                  fused=fused, fused_head=fused_head, zero_skip=zero_skip, rows=rows,
-                  progress=False)
-    fold_cache: dict = {}
-    scorers = [UnitScorer(model, name, data, analysis=analysis, removed=rem, _graph=base,
-                          _fold_cache=fold_cache, **common) for name in names]
-    # the shared prefix: every live tensor of every scorer, all removals applied
-    gm = fx.GraphModule(base, copy.deepcopy(base.graph))
-    _insert_removed(gm, analysis, rem)
-    by_name = {n.name: n for n in gm.graph.nodes}
-    wanted = list(dict.fromkeys(n for s in scorers for n in s.split.live))
-    needed: set[fx.Node] = set()
-    for n in wanted:
-        needed |= {by_name[n]} | graph.reachable(by_name[n], downstream=False)
-    order = list(gm.graph.nodes)
-    shared = graph._subgraph(gm, [n for n in order if n.op == "placeholder"],
-                             [n for n in order if n in needed and n.op not in
-                              ("placeholder", "output", "get_attr")],
-                             [by_name[n] for n in wanted], placeholders_from_inputs=False)
-    fold_conv_bn(shared, fold_cache)
-    lead = scorers[0]
-    idx = lead.indices
-    x, _ = lead._images(idx[:1])
-    report = count_cost(gm, tuple(x.shape[1:]))
-    prefix_modules = {str(n.target) for n in needed if n.op == "call_module"}
-    prefix_macs = sum(lay.flops for lay in report.layers if lay.name in prefix_modules)
-    rec = _SizeRecorder(shared)
-    with torch.no_grad():
-        live1 = rec.run(x)
-    budget = parse_bytes(memory_budget)
-    per_image = sum(_bytes_per_row(t) for t in live1) + max(
-        _bytes_per_row(_z_probe(s, live1, wanted)) for s in scorers)
-    chunk_images = max(1, min(len(idx), (budget // 2) // max(1, per_image)))
-    prefix_rows = _rows_for(rec.max_bytes, rec.total_bytes, budget // 4)
-    runs = [s._score_begin(None) for s in scorers]
-    seconds = [0.0] * len(scorers)
-    prefix_seconds = 0.0
-    chunks = -(-len(idx) // chunk_images)
-    bar = progress_callbacks(progress, "score units", total=chunks * len(scorers), unit="batch",
-                             leave=False)
-    with torch.no_grad():
-        for c, s0 in enumerate(range(0, len(idx), chunk_images)):
-            t0 = time.perf_counter()
-            vals, y = lead._prefix_values(shared, idx[s0:s0 + chunk_images], prefix_rows)
-            values = dict(zip(wanted, vals, strict=True))
-            del vals
-            prefix_seconds += time.perf_counter() - t0
-            for k, (s, run) in enumerate(zip(scorers, runs, strict=True)):
+    scoring = UnitScoring(model, data, units, analysis=analysis, removed=removed,
+                          num_images=num_images, seed=seed, memory_budget=memory_budget,
+                          device=device, dtype=dtype, topk=topk, metric=metric, bins=bins,
+                          classes=classes, fused=fused, fused_head=fused_head,
+                          zero_skip=zero_skip, rows=rows)
+    return scoring.run(progress=progress, callbacks=callbacks, _since=t_start)
+
+
+class UnitScoring:
+    """The scorers of many units of one network, built once (`score_units`' arguments), and
+    `run(indices, channels)`: the scores of chosen channels on chosen images, with ONE prefix
+    pass per chunk of those images for all units. Counts are sums over images, so the counts
+    of runs on disjoint image sets add up to the counts of one run on their union (what a
+    search that drops candidates part-way relies on: `importance.CAR.search`).
+
+    `indices`: the seeded scoring images (`num_images`, `seed`); a run takes any of them."""
+
+    def __init__(self, model: nn.Module, data: DataLike, units: Sequence[str] | None = None, *,
+                 analysis: UnitAnalysis | None = None,
+                 removed: Mapping[str, Sequence[int]] | None = None,
+                 num_images: int | None = None, seed: int = 0,
+                 memory_budget: int | str | None = None,
+                 device: torch.device | str | None = None, dtype: torch.dtype = torch.float32,
+                 topk: int = 1, metric: str | metrics.Metric | metrics.PerSample | None = None,
+                 bins: int | Sequence[float] | None = None,
+                 classes: Sequence[str] | None = None, fused: bool = True,
+                 fused_head: bool = True, zero_skip: bool = True, rows: int | None = None) -> None:
+        t0 = time.perf_counter()
+        data = resolve(data)
+        if analysis is None:
+            from .data.batches import pick_indices
+            x0, _ = load_batch(data, pick_indices(num_items(data), num_images, seed)[:1])
+            analysis = prunable_units(model, x0)
+        names = [u.name for u in analysis.units] if units is None else \
+            [analysis.unit(u).name for u in units]
+        if not names:
+            raise ValueError("no units to score (the analysis has none, or units=[] was passed)")
+        rem = _check_removed(analysis, removed)
+        params = list(model.parameters())
+        dev = torch.device(device) if device is not None else (
+            params[0].device if params else torch.device("cpu"))
+        base = trace_for_units(model, analysis).to(device=dev, dtype=dtype)
+        common = dict(num_images=num_images, seed=seed, memory_budget=memory_budget, device=dev,
+                      dtype=dtype, topk=topk, metric=metric, bins=bins, classes=classes,
+                      fused=fused, fused_head=fused_head, zero_skip=zero_skip, rows=rows,
+                      progress=False)
+        fold_cache: dict = {}
+        self.scorers = {name: UnitScorer(model, name, data, analysis=analysis, removed=rem,
+                                         _graph=base, _fold_cache=fold_cache, **common)
+                        for name in names}
+        scorers = list(self.scorers.values())
+        # the shared prefix: every live tensor of every scorer, all removals applied
+        gm = fx.GraphModule(base, copy.deepcopy(base.graph))
+        _insert_removed(gm, analysis, rem)
+        by_name = {n.name: n for n in gm.graph.nodes}
+        self.wanted = list(dict.fromkeys(n for s in scorers for n in s.split.live))
+        needed: set[fx.Node] = set()
+        for n in self.wanted:
+            needed |= {by_name[n]} | graph.reachable(by_name[n], downstream=False)
+        order = list(gm.graph.nodes)
+        self.shared = graph._subgraph(gm, [n for n in order if n.op == "placeholder"],
+                                      [n for n in order if n in needed and n.op not in
+                                       ("placeholder", "output", "get_attr")],
+                                      [by_name[n] for n in self.wanted],
+                                      placeholders_from_inputs=False)
+        fold_conv_bn(self.shared, fold_cache)
+        self._network = gm   # the whole network, removals applied (`likely_correct`)
+        self.lead = lead = scorers[0]
+        self.indices = lead.indices
+        self.metric = lead.metric
+        x, _ = lead._images(self.indices[:1])
+        self.report = count_cost(gm, tuple(x.shape[1:]))
+        prefix_modules = {str(n.target) for n in needed if n.op == "call_module"}
+        self.prefix_macs = sum(lay.flops for lay in self.report.layers
+                               if lay.name in prefix_modules)
+        rec = _SizeRecorder(self.shared)
+        with torch.no_grad():
+            live1 = rec.run(x)
+        budget = parse_bytes(memory_budget)
+        per_image = sum(_bytes_per_row(t) for t in live1) + max(
+            _bytes_per_row(_z_probe(s, live1, self.wanted)) for s in scorers)
+        self.chunk_images = max(1, min(len(self.indices), (budget // 2) // max(1, per_image)))
+        self.prefix_rows = _rows_for(rec.max_bytes, rec.total_bytes, budget // 4)
+        self.build_seconds = time.perf_counter() - t0
+
+    def margins(self, indices: Sequence[int] | np.ndarray | None = None) -> np.ndarray:
+        """float64 per image of `indices` (default `self.indices`): how far the network
+        (removals applied, BatchNorm unfolded) is from changing its top-k verdict: the label's
+        output minus the k-th largest other output (> 0: the label is in the top k). A plain
+        forward, for ORDERING images only: the engine's counts may differ on a borderline image."""
+        idx = self.indices if indices is None else np.asarray(indices, dtype=np.int64)
+        k = self.lead.topk
+        out = []
+        with torch.no_grad():
+            for s0 in range(0, len(idx), self.prefix_rows):
+                x, y = self.lead._images(idx[s0:s0 + self.prefix_rows])
+                logits = self._network(x)
+                logits = logits.reshape(logits.shape[0], -1).double()
+                y = y.reshape(-1, 1).to(logits.device).long()
+                own = logits.gather(1, y).squeeze(1)
+                others = logits.scatter(1, y, float("-inf"))
+                kth = others.topk(min(k, others.shape[1] - 1), dim=1).values[:, -1]
+                out.append((own - kth).cpu().numpy())
+        return np.concatenate(out) if out else np.zeros(0)
+
+    def run(self, indices: Sequence[int] | np.ndarray | None = None,
+            channels: Mapping[str, Sequence[int]] | None = None, *, progress: bool = False,
+            callbacks: Callbacks | None = None, _since: float | None = None) -> UnitScores:
+        """Scores on images `indices` (default: all of `self.indices`) of `channels`
+        ({unit: channel indices}; an empty list gives the unit's unablated counts only; units
+        left out are not run; default: every remaining channel of every unit)."""
+        t_start = time.perf_counter() if _since is None else _since
+        idx = self.indices if indices is None else np.asarray(indices, dtype=np.int64)
+        if channels is None:
+            todo = [(s, None) for s in self.scorers.values()]
+        else:
+            unknown = sorted(set(channels) - set(self.scorers))
+            if unknown:
+                raise ValueError(f"channels: units {unknown} are not among the scored units "
+                                 f"({', '.join(self.scorers)})")
+            todo = [(self.scorers[u], list(c)) for u, c in channels.items()]
+        runs = []
+        before = []
+        for s, filt in todo:
+            s._base = None   # the unablated counts of THESE images
+            before.append((s.pairs, s.pairs_run))
+            runs.append(s._score_begin(filt))
+        seconds = [0.0] * len(todo)
+        prefix_seconds = 0.0
+        size = self.chunk_images
+        chunks = -(-len(idx) // size)
+        bar = progress_callbacks(progress, "score units", total=chunks * len(todo), unit="batch",
+                                 leave=False)
+        with torch.no_grad():
+            for c, s0 in enumerate(range(0, len(idx), size)):
                 t0 = time.perf_counter()
-                ch = s._chunk_from([values[n] for n in s.split.live], y)
-                s._score_chunk(run, ch)
-                del ch
-                seconds[k] += time.perf_counter() - t0
-                bar.update(1)
-            del values
-            if callbacks is not None:
-                done = min(len(idx), s0 + chunk_images)
-                callbacks.on_event(Event("score-units", c + 1, f"{done}/{len(idx)} images, "
-                                         f"{len(scorers)} units", total=chunks,
-                                         data={"images": done, "units": len(scorers)}))
-    bar.close()
-    out = {s.unit.name: s._score_end(run) for s, run in zip(scorers, runs, strict=True)}
-    costs = []
-    for s, sec in zip(scorers, seconds, strict=True):
-        dense, run_macs = s.tail_macs(report)
-        costs.append(UnitCost(unit=s.unit.name, path=s.path, channels=len(out[s.unit.name].filters),
-                              pairs=s.pairs, pairs_run=s.pairs_run, tail_macs=dense,
-                              run_macs=run_macs, seconds=sec))
-    cost = ScoringCost(images=len(idx), prefix_macs=prefix_macs, prefix_seconds=prefix_seconds,
-                       seconds=time.perf_counter() - t_start, threads=torch.get_num_threads(),
-                       units=costs)
-    return UnitScores(out, cost)
+                vals, y = self.lead._prefix_values(self.shared, idx[s0:s0 + size],
+                                                   self.prefix_rows)
+                values = dict(zip(self.wanted, vals, strict=True))
+                del vals
+                prefix_seconds += time.perf_counter() - t0
+                for k, ((s, _), run) in enumerate(zip(todo, runs, strict=True)):
+                    t0 = time.perf_counter()
+                    ch = s._chunk_from([values[n] for n in s.split.live], y)
+                    s._score_chunk(run, ch)
+                    del ch
+                    seconds[k] += time.perf_counter() - t0
+                    bar.update(1)
+                del values
+                if callbacks is not None:
+                    done = min(len(idx), s0 + size)
+                    callbacks.on_event(Event("score-units", c + 1, f"{done}/{len(idx)} images, "
+                                             f"{len(todo)} units", total=chunks,
+                                             data={"images": done, "units": len(todo)}))
+        bar.close()
+        out = {s.unit.name: s._score_end(run) for (s, _), run in zip(todo, runs, strict=True)}
+        costs = []
+        for (s, _), sec, (p0, r0) in zip(todo, seconds, before, strict=True):
+            dense, run_macs = s.tail_macs(self.report)
+            costs.append(UnitCost(unit=s.unit.name, path=s.path,
+                                  channels=len(out[s.unit.name].filters), pairs=s.pairs - p0,
+                                  pairs_run=s.pairs_run - r0, tail_macs=dense,
+                                  run_macs=run_macs, seconds=sec))
+        cost = ScoringCost(images=len(idx), prefix_macs=self.prefix_macs,
+                           prefix_seconds=prefix_seconds,
+                           seconds=time.perf_counter() - t_start,
+                           threads=torch.get_num_threads(), units=costs)
+        return UnitScores(out, cost)
 
 
 def _z_probe(scorer: UnitScorer, live1: Sequence[torch.Tensor], wanted: list[str]
@@ -725,4 +814,4 @@ def _z_probe(scorer: UnitScorer, live1: Sequence[torch.Tensor], wanted: list[str
 
 
 __all__ = ["REFERENCE_GEMM_GFLOPS", "ScoringCost", "UnitCost", "UnitScorer", "UnitScores",
-           "UnitSplit", "score_units", "split_unit", "trace_for_units"]
+           "UnitScoring", "UnitSplit", "score_units", "split_unit", "trace_for_units"]

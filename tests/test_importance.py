@@ -1,0 +1,73 @@
+"""Importance objects for whole-network units (`carprune.importance`), on the pretrained
+ResNet-20 and real CIFAR-10 images: `CAR.search` (the exact bound) against scoring every
+channel on every image."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from carprune import importance
+from carprune.global_mode import rank_key
+from carprune.units import prunable_units
+
+
+def _picks(values, rank, units, k):
+    """The first k channels by `rank`, at most one per unit (the round rule)."""
+    order = sorted((rank(u, j, float(values[u][j])), u, j) for u in units
+                   for j in range(len(values[u])) if not math.isnan(float(values[u][j])))
+    out, seen = [], set()
+    for r, u, j in order:
+        if u not in seen:
+            out.append((u, j, r))
+            seen.add(u)
+        if len(out) == k:
+            break
+    return out
+
+
+@pytest.mark.parametrize("picks", [1, 3])
+def test_search_scores_less_and_chooses_what_full_scoring_chooses(resnet20, cifar_test, picks):
+    data = cifar_test.sample(100, seed=3)
+    x, _ = data.batch(slice(0, 1))
+    an = prunable_units(resnet20, x)
+    units = [u.name for u in an.units]
+    saved = {u: an.saved_flops(u, {}) for u in units}
+
+    def rank(u, c, v):
+        return (rank_key(v, saved[u], True), units.index(u), c)
+
+    full = importance.CAR(data)(resnet20, an, units)
+    car = importance.CAR(data)
+    found = car.search(resnet20, an, units, rank, picks=picks)
+    chosen = _picks(full, rank, units, picks)
+    assert [(u, j) for u, j, _ in _picks(found, rank, units, picks)] == \
+        [(u, j) for u, j, _ in chosen]
+    worst = chosen[-1][2]
+    dropped = 0
+    for u in units:
+        ok = ~found[u].isnan()
+        # what the search scored to the end is the exact CAR
+        assert torch.equal(found[u][ok], full[u][ok])
+        # what it dropped could not have been chosen
+        for j in (~ok).nonzero().flatten().tolist():
+            assert rank(u, j, float(full[u][j])) > worst
+            dropped += 1
+    assert dropped > 0
+    s = car.last_search
+    assert s["pairs"] == sum(c.pairs for c in car.last_cost.units) < s["full_pairs"] == 100 * sum(
+        len(full[u]) for u in units)
+
+
+def test_search_without_a_count_metric_scores_everything(lenet, mnist_test):
+    data = mnist_test.sample(60, seed=0)
+    x, _ = data.batch(slice(0, 1))
+    an = prunable_units(lenet, x)
+    units = [u.name for u in an.units]
+    car = importance.CAR(data, metric="nll")
+    found = car.search(lenet, an, units, lambda u, c, v: (v, c), picks=1)
+    full = importance.CAR(data, metric="nll")(lenet, an, units)
+    for u in units:
+        assert torch.equal(found[u], full[u])
