@@ -94,7 +94,7 @@ def run(args) -> dict:
         model = _model(net).eval()
         base = cp.count_cost(model, shape)
         r["base"] = {"flops": base.total_flops, "params": base.total_params,
-                     "acc": kse.holdout_accuracy(model, hold)}
+                     "acc": cp.evaluate.accuracy(model, hold)}
         print(f"== {net}: {base.total_flops:,} FLOPs, {base.total_params:,} params, hold-out "
               f"{100 * r['base']['acc']:.2f} %", flush=True)
         convs = _block_conv1(model)
@@ -103,7 +103,7 @@ def run(args) -> dict:
             for kind in ("kse", "car"):
                 m = cp.copy_model(model)
                 sec = _ft(m, convs, cfg(), kind)
-                ref[kind] = {"acc": kse.holdout_accuracy(m, hold), "ft_seconds": sec}
+                ref[kind] = {"acc": cp.evaluate.accuracy(m, hold), "ft_seconds": sec}
             r["ref"] = ref
             save()
         print(f"   uncompressed fine-tuned: every parameter at 1e-4 {100 * r['ref']['kse']['acc']:.2f} %,"
@@ -114,7 +114,7 @@ def run(args) -> dict:
                 continue
             la, _ = _load()
             res = cp.kse_compress(model, G=G, progress=False)
-            acc = kse.holdout_accuracy(res.model, hold)
+            acc = cp.evaluate.accuracy(res.model, hold)
             sec = _ft(res.model, [], cfg(), "kse")
             r[key] = {"flops": res.flops_after, "params": res.params_after,
                       "flops_reduction": res.flops_reduction, "params_reduction": res.params_reduction,
@@ -122,7 +122,7 @@ def run(args) -> dict:
                           base.total_flops - sum(x.flops_before for x in res.report) + sum(
                               9 * sum(x.clusters) * (x.flops_before // (x.in_channels * x.out_channels * 9))
                               for x in res.report)),
-                      "seconds": res.seconds, "acc": acc, "ft_acc": kse.holdout_accuracy(res.model, hold),
+                      "seconds": res.seconds, "acc": acc, "ft_acc": cp.evaluate.accuracy(res.model, hold),
                       "ft_seconds": sec, "load": la,
                       "maps_removed": sum(x.maps_removed for x in res.report),
                       "maps": sum(x.in_channels for x in res.report)}
@@ -156,12 +156,12 @@ def run(args) -> dict:
                 if flops <= target:
                     break
             m = _prune(model, removed)
-            acc = kse.holdout_accuracy(m, hold)
+            acc = cp.evaluate.accuracy(m, hold)
             pruned = [layer for layer, fs in removed.items() if fs]
             sec = _ft(m, pruned, cfg(), "car")
             r[key] = {"flops": last[0], "params": last[1], "flops_reduction": base.total_flops / last[0],
                       "params_reduction": base.total_params / last[1], "acc": acc,
-                      "ft_acc": kse.holdout_accuracy(m, hold), "ft_seconds": sec,
+                      "ft_acc": cp.evaluate.accuracy(m, hold), "ft_seconds": sec,
                       "filters_removed": sum(len(v) for v in removed.values()),
                       "filters": sum(model.get_submodule(c).out_channels for c in convs)}
             save()
@@ -189,10 +189,10 @@ def run(args) -> dict:
                     m = surgery.prune_filters(model, car_layer, removed) if removed else model
                     r[key] = {"kse_layer": kse_layer, "car_layer": car_layer,
                               "kse_flops": res.flops_after, "kse_params": res.params_after,
-                              "kse_acc": kse.holdout_accuracy(res.model, hold), "kse_seconds": t_kse,
+                              "kse_acc": cp.evaluate.accuracy(res.model, hold), "kse_seconds": t_kse,
                               "maps_removed": res.report[0].maps_removed,
                               "car_flops": st.flops, "car_params": st.params, "car_kept": st.kept,
-                              "car_acc": kse.holdout_accuracy(m, hold), "car_seconds": t_car}
+                              "car_acc": cp.evaluate.accuracy(m, hold), "car_seconds": t_car}
                     save()
                     print(f"   pair {kse_layer} (KSE G={G}) / {car_layer} (CAR): acc "
                           f"{100 * r[key]['kse_acc']:.2f} % / {100 * r[key]['car_acc']:.2f} % at "

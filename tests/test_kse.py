@@ -242,7 +242,8 @@ def test_finetuning_trains_the_centroids_with_the_project_loop(resnet20, cifar_t
     a, b = res.model.state_dict(), plain.model.state_dict()
     assert not torch.equal(a["layer2.1.conv1.centroids"], b["layer2.1.conv1.centroids"])
     assert all(torch.equal(a[k], b[k]) for k in a if k.endswith(("assign", "maps")))
-    assert res.holdout_accuracy_before == pytest.approx(cp.kse.holdout_accuracy(resnet20, cifar_test, 64))
+    assert res.holdout_accuracy_before == pytest.approx(
+        cp.evaluate.accuracy(resnet20, cifar_test, num_images=64))
     assert None not in (res.holdout_accuracy, res.finetuned_holdout_accuracy, res.finetune_seconds)
     dense = cp.models.resnet_cifar(20)
     dense.load_state_dict(res.dense_state_dict())

@@ -50,7 +50,8 @@ from torch import nn
 from . import criteria, graph, surgery
 from .callbacks import log, progress_callbacks, show_progress
 from .cost import LayerCost, count_cost, register_layer_cost
-from .data.batches import DataLike, load_batch, num_items, pick_indices
+from .data.batches import DataLike
+from .evaluate import accuracy
 from .finetune import FineTune, finetune
 from .io import atomic_open, read_json, read_tensor_file, write_json
 from .results import PrunedModelResult
@@ -641,16 +642,6 @@ def _compress_conv(conv: nn.Conv2d, layer: str, G: int, alpha: float, T: int, se
     return KSEConv2d.from_conv(conv, maps, cents, labels), v.tolist(), q
 
 
-def holdout_accuracy(model: nn.Module, data: DataLike, num_images: int | None = None, seed: int = 0,
-                     batch_size: int = 256) -> float:
-    """Top-1 accuracy on a seeded subset of `data` (`data.batches.pick_indices`), eval mode."""
-    from .deepcompress.pipeline import accuracy
-
-    idx = pick_indices(num_items(data), num_images, seed)
-    x, y = load_batch(data, idx)
-    return accuracy(model, torch.utils.data.TensorDataset(x, y), batch_size=batch_size)
-
-
 def kse_compress(
     model: nn.Module,
     G: int = 4,
@@ -685,7 +676,7 @@ def kse_compress(
     names = resolve_layers(work, layers)
     show = show_progress(progress)
     before = count_cost(work, shape)
-    acc0 = holdout_accuracy(work, eval_data, eval_images, seed) if eval_data is not None else None
+    acc0 = accuracy(work, eval_data, num_images=eval_images, seed=seed) if eval_data is not None else None
     t0 = time.perf_counter()
     modules = dict(work.named_modules())
     done: list[tuple[str, list[float], list[int]]] = []
@@ -716,13 +707,13 @@ def kse_compress(
                        params_after=after.total_params, seconds=seconds,
                        holdout_accuracy_before=acc0, config=config, model=work)
     if eval_data is not None:
-        result.holdout_accuracy = holdout_accuracy(work, eval_data, eval_images, seed)
+        result.holdout_accuracy = accuracy(work, eval_data, num_images=eval_images, seed=seed)
     if finetune is not None:
         t1 = time.perf_counter()
         finetune_kse(work, finetune, progress=show)
         result.finetune_seconds = time.perf_counter() - t1
         if eval_data is not None:
-            result.finetuned_holdout_accuracy = holdout_accuracy(work, eval_data, eval_images, seed)
+            result.finetuned_holdout_accuracy = accuracy(work, eval_data, num_images=eval_images, seed=seed)
     log.info("KSE G=%d: FLOPs %s -> %s (%.2fx), params %s -> %s (%.2fx) in %.1f s", G,
              f"{before.total_flops:,}", f"{after.total_flops:,}", result.flops_reduction,
              f"{before.total_params:,}", f"{after.total_params:,}", result.params_reduction, seconds)

@@ -15,11 +15,10 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from torch import nn
 
 from .. import distributed
 from ..config import ConfigError, Option, settings_object
-from ..data.arrays import ImageArrayDataset
+from ..evaluate import accuracy
 from ..io import atomic_open, write_json
 from ..logging_utils import heartbeat
 from . import _common as common
@@ -63,18 +62,6 @@ class Settings(common.EvalSettings, common.DataSettings, common.ModelSettings,
             raise ConfigError("finetune needs --result DIR (a compress output) or --layer")
 
 
-def holdout_accuracy(model: nn.Module, data: ImageArrayDataset | None, n: int | None, seed: int
-                     ) -> float | None:
-    """Top-1 accuracy on a seeded subset of `n` hold-out images (None without hold-out data)."""
-    if data is None:
-        return None
-    from ..deepcompress.pipeline import accuracy
-
-    if n is not None and n < len(data):
-        data = data.sample(n, seed)
-    return accuracy(model, data)
-
-
 def run(settings: Mapping[str, Any], ctx: distributed.Context, run: common.Run, mode: str) -> int:
     from ..finetune import FineTune, finetune
 
@@ -98,11 +85,11 @@ def run(settings: Mapping[str, Any], ctx: distributed.Context, run: common.Run, 
     cfg = FineTune(train_data=train, iters=s.iters, batch_size=s.batch_size, lr_layer=s.lr_layer,
                    lr_next=s.lr_next, lr_other=s.lr_other, momentum=s.momentum,
                    weight_decay=s.weight_decay, seed=s.seed)
-    before = holdout_accuracy(model, evald, s.eval_images, s.seed)
+    before = (None if evald is None else accuracy(model, evald, num_images=s.eval_images, seed=s.seed))
     t0 = time.monotonic()
     with heartbeat(f"fine-tuning {layer}", s.log_interval, mode == "log"):
         finetune(model, layer, cfg, progress=mode == "bar")
-    after = holdout_accuracy(model, evald, s.eval_images, s.seed)
+    after = (None if evald is None else accuracy(model, evald, num_images=s.eval_images, seed=s.seed))
     doc = {"format": "carprune.finetune", "layer": layer, "settings": cfg.describe(),
            "accuracy_before": before, "accuracy_after": after,
            "seconds": round(time.monotonic() - t0, 3), "result": s.result}
