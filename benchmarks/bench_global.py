@@ -8,7 +8,8 @@ before fine-tuning predicts accuracy after it; the round rule; the cost model of
     python -m benchmarks.bench_global --part c                    # round rule (ResNet-20, 0.9 FLOPs)
     python -m benchmarks.bench_global --part d                    # cost model of the CAR run of (a)
     python -m benchmarks.bench_global --part e                    # exact search vs full scoring
-    python -m benchmarks.bench_global --part all --net resnet20   # a, b, c, d in that order
+    python -m benchmarks.bench_global --part f                    # (a)'s CAR run on 2 processes
+    python -m benchmarks.bench_global --part all --net resnet20   # every part, in that order
     python -m benchmarks.bench_global --part all --quick          # tiny smoke run (1 thread)
 
 Each part writes out/bench/global/<net>-<part>.json and .md (``--quick``: out/bench/global-quick/)
@@ -892,6 +893,9 @@ def part_e(b: Bench) -> None:
         rows.append([picks, f"{st['pairs']:,} / {st['full_pairs']:,}",
                      f"{st['pairs'] / st['full_pairs']:.3f}", f"{st['exact']} / {st['channels']}",
                      sec(ts), sec(tf), f"{tf / ts:.2f}x", best_f == best_s, same])
+    # the same search (picks 1) split across 2 gloo ranks of 1 thread each (`ShardedCAR`)
+    shard = _sharded_search(s, {u: v.tolist() for u, v in vf.items()})
+    doc["sharded"] = shard
     md = "\n".join([
         f"### Part (e): exact search against full scoring, {s.net}, first round, "
         f"{s.score_images} scoring images", "",
@@ -899,12 +903,144 @@ def part_e(b: Bench) -> None:
         f"full scoring took {tf:.1f} s ({full.last_cost.gflops:.0f} GFLOP/s of tails, fp32 GEMM "
         f"{cp.cost.gemm_gflops():.0f} GFLOP/s).", "",
         md_table(["picks", "image-ablations (search / full)", "fraction", "channels scored to the end",
-                  "search (s)", "full (s)", "speed-up", "same choice", "exact values equal"], rows)])
+                  "search (s)", "full (s)", "speed-up", "same choice", "exact values equal"], rows),
+        "", f"The search with picks 1 split across {shard['ranks']} processes of 1 thread "
+        f"(`distributed.ShardedCAR`, gloo): {shard['seconds']:.1f} s against "
+        f"{doc[1]['seconds']:.1f} s for one process of {torch.get_num_threads()} threads; "
+        f"exact values equal to full scoring's: {shard['equal']}; image-ablations "
+        f"{' + '.join(f'{p:,}' for p in shard['shares'])} (one process: "
+        f"{doc[1]['search']['pairs']:,})."])
     write_part(s, "e", {"part": "e", "settings": asdict(s), "env_start": env, "full_seconds": tf,
                         "full_cost": asdict(full.last_cost), "runs": doc}, md)
 
 
-PARTS = {"a": part_a, "b": part_b, "c": part_c, "d": part_d, "e": part_e}
+def _search_worker(rank: int, init: str, s: Settings, world: int, out: str) -> None:
+    """One rank of part (e)'s sharded search: the same model, images and rank rule as the
+    one-process search; rank 0 writes the values, each rank its pairs and wall seconds."""
+    import torch.distributed as dist
+
+    from carprune import distributed
+
+    os.environ.update(WORLD_SIZE=str(world), RANK=str(rank), LOCAL_RANK=str(rank))
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=init, rank=rank, world_size=world)
+    try:
+        ctx = distributed.init_from_env("cpu")
+        b = Bench(s)
+        model = b.model()
+        an = cp.prunable_units(model, b.x)
+        units = [u.name for u in an.units]
+        saved = {u: an.saved_flops(u, {}) for u in units}
+        car = distributed.ShardedCAR(b.data.score(s.score_images), ctx=ctx)
+        own: list[int] = []
+        step = imps.CAR._search_block
+
+        def spy(self: Any, sc: Any, block: Any, chans: dict[str, list[int]]) -> Any:
+            own.append(len(block) * sum(len(c) for c in chans.values()))
+            return step(self, sc, block, chans)
+
+        imps.CAR._search_block = spy
+        dist.barrier()
+        t0 = time.perf_counter()
+        v = car.search(model, an, units,
+                       lambda u, c, x: (rank_key(x, saved[u], True), units.index(u), c), picks=1)
+        sec = time.perf_counter() - t0
+        doc = {"seconds": sec, "pairs": sum(own), "search": car.last_search,
+               "values": {u: [None if x != x else x for x in t.tolist()] for u, t in v.items()}}
+        Path(out, f"rank{rank}.json").write_text(json.dumps(doc))
+    finally:
+        dist.destroy_process_group()
+
+
+def _sharded_search(s: Settings, full: dict[str, list[float]], world: int = 2) -> dict[str, Any]:
+    """Part (e)'s search under `world` gloo ranks (the slowest rank's wall time); its exact
+    values are checked against full scoring's."""
+    import tempfile
+
+    import torch.multiprocessing as mp
+
+    with tempfile.TemporaryDirectory() as tmp:
+        mp.start_processes(_search_worker, args=(f"file://{tmp}/rendezvous", s, world, tmp),
+                           nprocs=world, join=True, start_method="spawn")
+        got = [json.loads(Path(tmp, f"rank{r}.json").read_text()) for r in range(world)]
+    equal = all(g["values"][u][j] is None or g["values"][u][j] == full[u][j]
+                for g in got for u in full for j in range(len(full[u])))
+    return {"ranks": world, "seconds": max(g["seconds"] for g in got), "equal": equal,
+            "same_on_every_rank": all(g["values"] == got[0]["values"] for g in got),
+            "shares": [g["pairs"] for g in got], "search": got[0]["search"]}
+
+
+def _run_worker(rank: int, init: str, s: Settings, world: int, out: str) -> None:
+    """One rank of part (f): part (a)'s CAR run with `distributed.ShardedCAR` (1 thread)."""
+    import torch.distributed as dist
+
+    from carprune import distributed
+
+    os.environ.update(WORLD_SIZE=str(world), RANK=str(rank), LOCAL_RANK=str(rank))
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=init, rank=rank, world_size=world)
+    try:
+        ctx = distributed.init_from_env("cpu")
+        b = Bench(s)
+        spec = car_spec(s)
+        score = b.data.score(spec["images"])
+        dist.barrier()
+        t0 = time.perf_counter()
+        res = cp.compress_global(
+            b.model(), "all", score, flops_target=spec["flops_target"],
+            criterion=distributed.ShardedCAR(score, ctx=ctx, num_images=spec["images"],
+                                             seed=spec["seed"]),
+            example_input=b.x, score_images=spec["images"], cost_aware=True, seed=spec["seed"],
+            callbacks=_Print(f"car/{world} ranks") if rank == 0 else None)
+        doc = {"seconds": time.perf_counter() - t0, "removed": res.removed,
+               "trajectory": res.to_dict()["trajectory"]}
+        Path(out, f"rank{rank}.json").write_text(json.dumps(doc))
+    finally:
+        dist.destroy_process_group()
+
+
+def part_f(b: Bench, world: int = 2) -> None:
+    """Part (a)'s CAR run split across `world` processes of 1 thread (gloo, `ShardedCAR`: the
+    exact search split step by step), against the one-process run of part (a) (cached, or run
+    first): the same choices and work, and the wall time."""
+    import tempfile
+
+    import torch.multiprocessing as mp
+
+    s = b.s
+    env = _env(s)
+    ref, meta = b.global_run(car_spec(s))
+    print(f"part (f): the CAR run of part (a) ({s.net}, {s.score_images} images, "
+          f"{s.flops_target} x FLOPs) across {world} processes of 1 thread", flush=True)
+    t0 = time.perf_counter()
+    with tempfile.TemporaryDirectory() as tmp:
+        mp.start_processes(_run_worker, args=(f"file://{tmp}/rendezvous", s, world, tmp),
+                           nprocs=world, join=True, start_method="spawn")
+        got = [json.loads(Path(tmp, f"rank{r}.json").read_text()) for r in range(world)]
+    wall = time.perf_counter() - t0
+    times = ("seconds", "score_seconds", "tail_seconds")
+    strip = lambda t: [{k: v for k, v in r.items() if k not in times} for r in t]
+    want = strip(json.loads(json.dumps(ref.to_dict()["trajectory"])))
+    same = [g["removed"] == json.loads(json.dumps(ref.removed)) and strip(g["trajectory"]) == want
+            for g in got]
+    one_s = meta["wall_s"]
+    run_s = max(g["seconds"] for g in got)
+    md = "\n".join([
+        f"### Part (f): the CAR run of part (a) across {world} processes, {s.net}", "",
+        f"{world} gloo processes of 1 thread on {os.cpu_count()} cores (`distributed.ShardedCAR`: "
+        f"every search step's channels shared out), load average {env['load_average']} -> "
+        f"{_load()}; the one-process run (part (a), {meta['env_start']['threads']} threads, load "
+        f"{meta['env_start']['load_average']} at its start).", "",
+        md_table(["run", "rounds", "wall (s)", "ratio", "same choices and work as one process"],
+                 [["one process", len(ref.trajectory), sec(one_s), "1.00x", "-"],
+                  [f"{world} processes", len(got[0]["trajectory"]), sec(run_s),
+                   f"{one_s / run_s:.2f}x", all(same)]])])
+    write_part(s, "f", {"part": "f", "settings": asdict(s), "env_start": env, "world": world,
+                        "one_process_seconds": one_s, "seconds": run_s, "spawn_wall": wall,
+                        "same": same, "ranks": got}, md)
+
+
+PARTS = {"a": part_a, "b": part_b, "c": part_c, "d": part_d, "e": part_e, "f": part_f}
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -35,6 +35,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
 import torch
 import torch.distributed as dist
 from torch import nn
@@ -42,7 +43,7 @@ from torch import nn
 from . import graph, preempt
 from .cost import count_cost
 from .engine import LayerScorer
-from .importance import CAR
+from .importance import CAR, BlockSums
 from .scores import LayerScores
 from .units import UnitAnalysis
 
@@ -302,20 +303,98 @@ class ShardedCAR(CAR):
     prefix and total seconds are the slowest rank's. The ranks first compare a digest of the model
     and the images' class totals and fail loudly when they differ. Every rank must call it with
     the same arguments (it is a collective). Without an active process group it is `CAR`.
+
+    `search` (`CAR.search`, the exact bound search) is split too, step by step: every step's
+    channels in contiguous shares across the ranks, the int64 sums all-reduced, rank 0's image
+    order on every rank; so every rank makes one process's choices with one process's work
+    figures (pairs scored, pairs run), only the seconds differ.
     """
 
     def __init__(self, data: Any, *, ctx: Context | None = None, **options: Any) -> None:
         super().__init__(data, **options)
         self.ctx = ctx or Context()
 
-    def search(self, model: nn.Module, analysis: UnitAnalysis, units: Sequence[str],
-               rank: Any, picks: int = 1, blocks: int = 8) -> dict[str, torch.Tensor]:
-        """Under torchrun: every channel scored, the units split across the ranks (`__call__`;
-        the same choices as the search, which is not split); alone: `CAR.search`."""
-        if self.ctx.active:
-            self.last_search = {}
-            return self(model, analysis, units)
-        return super().search(model, analysis, units, rank, picks=picks, blocks=blocks)
+    def _search_margins(self, model: nn.Module, sc: Any) -> np.ndarray:
+        """Rank 0's margins, on every rank (the block order must be the same everywhere, and
+        float margins from other thread counts may differ in the last bit); first the ranks
+        compare the weights digest and the scoring images, and fail loudly when they differ."""
+        if not self.ctx.active:
+            return super()._search_margins(model, sc)
+        own = {"digest": state_digest(model), "indices": [int(i) for i in sc.indices],
+               "margins": super()._search_margins(model, sc).tolist()}
+        box: list[Any] = [None] * self.ctx.world_size
+        dist.all_gather_object(box, own)
+        for r, m in enumerate(box):
+            if m["digest"] != box[0]["digest"] or m["indices"] != box[0]["indices"]:
+                raise RuntimeError(
+                    f"rank {r} scores another model or other images than rank 0 (weights digest "
+                    "or scoring image indices differ): the same seed, data and weights on every "
+                    "rank are required")
+        return np.asarray(box[0]["margins"], dtype=np.float64)
+
+    def _search_block(self, sc: Any, block: np.ndarray, chans: dict[str, list[int]]
+                      ) -> tuple[dict[str, BlockSums], list[Any], float, float | None]:
+        """`CAR._search_block` split across the ranks: each unit's channels in contiguous
+        shares, one per rank (a unit asked for its unablated counts only goes to one rank,
+        round robin); the int64 sums are all-reduced and the costs all-gathered, so every rank
+        gets exactly one process's sums, and the pairs of the whole step."""
+        ctx = self.ctx
+        if not ctx.active:
+            return super()._search_block(sc, block, chans)
+        from .unit_engine import UnitCost
+
+        world, me = ctx.world_size, ctx.rank
+        mine: dict[str, list[int]] = {}   # this rank's share of every unit
+        first: dict[str, int] = {}        # where that share starts in chans[u]
+        base_rank: dict[str, int] = {}    # the rank that reports the unit's unablated count
+        for i, (u, cs) in enumerate(chans.items()):
+            # np.array_split's shares: the first ones are the larger, so rank 0 always has one
+            bounds = np.cumsum([0] + [len(cs) // world + (r < len(cs) % world)
+                                      for r in range(world)])
+            base_rank[u] = 0 if cs else i % world
+            if cs and bounds[me + 1] > bounds[me]:
+                mine[u] = [int(c) for c in cs[bounds[me]:bounds[me + 1]]]
+                first[u] = int(bounds[me])
+            elif base_rank[u] == me:
+                mine[u], first[u] = [], 0
+        sums, costs, prefix_s, scale = (super()._search_block(sc, block, mine) if mine
+                                        else ({}, [], 0.0, None))
+        # one int64 vector: per unit of `chans`, its unablated count then its channels' counts
+        at, total = {}, 0
+        for u, cs in chans.items():
+            at[u] = total
+            total += 1 + len(cs)
+        vec = torch.zeros(total, dtype=torch.int64)
+        for u, got in sums.items():
+            if base_rank[u] == me:
+                vec[at[u]] = got.base
+            start = at[u] + 1 + first[u]
+            vec[start:start + len(got.filters)] = got.correct
+        dev = _comm_device(ctx)
+        vec = vec.to(dev)
+        dist.all_reduce(vec)
+        vec = vec.cpu()
+        box: list[Any] = [None] * world
+        dist.all_gather_object(box, {"costs": [dataclasses.asdict(c) for c in costs],
+                                     "prefix": prefix_s, "scale": scale})
+        merged: dict[str, UnitCost] = {}
+        for m in box:
+            for c in m["costs"]:
+                c = UnitCost(**c)
+                if c.unit in merged:
+                    k = merged[c.unit]
+                    k.pairs += c.pairs
+                    k.pairs_run += c.pairs_run
+                    k.seconds += c.seconds
+                    k.channels += c.channels
+                else:
+                    merged[c.unit] = c
+        scales = [m["scale"] for m in box if m["scale"] is not None]
+        out = {u: BlockSums(filters=[int(c) for c in cs], base=int(vec[at[u]]),
+                            correct=vec[at[u] + 1:at[u] + 1 + len(cs)].clone())
+               for u, cs in chans.items()}
+        return (out, [merged[u] for u in chans if u in merged],
+                max(m["prefix"] for m in box), scales[0] if scales else None)
 
     def __call__(self, model: nn.Module, analysis: UnitAnalysis, units: Sequence[str]
                  ) -> dict[str, torch.Tensor]:

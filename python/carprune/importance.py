@@ -22,6 +22,7 @@ from __future__ import annotations
 import copy
 import time
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from typing import Any, Protocol, runtime_checkable
 
 import numpy as np
@@ -42,6 +43,17 @@ class Importance(Protocol):
     def __call__(self, model: nn.Module, analysis: UnitAnalysis, units: Sequence[str]
                  ) -> dict[str, torch.Tensor]:
         """Per unit, float64 [channels]: importance of each of its current channels."""
+
+
+@dataclass
+class BlockSums:
+    """What one block of images gives `CAR.search` for one unit: the unablated network's
+    correct count, and per channel in `filters` (the order asked for) the count with that
+    channel removed (int64). Sums over images, so blocks and shares of channels add up."""
+
+    filters: list[int]
+    base: int
+    correct: torch.Tensor
 
 
 class CAR:
@@ -105,7 +117,7 @@ class CAR:
                          zero_skip=self.zero_skip, **self.options)
         idx = sc.indices
         n = len(idx)
-        margin = sc.margins()
+        margin = self._search_margins(model, sc)
         wrong_first = idx[np.argsort(margin, kind="stable")]   # then the nearest to flipping
         cut = int((margin <= 0).sum())
         order = [b for b in [wrong_first[:cut], *np.array_split(wrong_first[cut:], max(1, blocks))]
@@ -116,11 +128,12 @@ class CAR:
         prefix_s = 0.0
         scale = 1.0
 
-        def run(block: np.ndarray, chans: dict[str, list[int]]) -> dict[str, Any]:
+        def run(block: np.ndarray, chans: dict[str, list[int]]) -> dict[str, BlockSums]:
             nonlocal prefix_s, scale
-            res = sc.run(block, chans)
-            prefix_s += res.cost.prefix_seconds
-            for c in res.cost.units:
+            sums, unit_costs, sec, got_scale = self._search_block(sc, block, chans)
+            prefix_s += sec
+            scale = scale if got_scale is None else got_scale
+            for c in unit_costs:
                 if c.unit in costs:
                     k = costs[c.unit]
                     k.pairs += c.pairs
@@ -129,15 +142,13 @@ class CAR:
                     k.channels = max(k.channels, c.channels)
                 else:
                     costs[c.unit] = c
-            for s in res.values():
-                scale = s.scale
-            return dict(res)
+            return sums
 
         # what each unit's unablated network gets wrong, per block (the engine's own counts)
         wrong = {u: np.zeros(len(order), dtype=np.int64) for u in units}
         for t, block in enumerate(order):
-            for u, s in run(block, {u: [] for u in units}).items():
-                wrong[u][t] = len(block) - int(s.base_counts.sum())
+            for u, got in run(block, {u: [] for u in units}).items():
+                wrong[u][t] = len(block) - got.base
         later = {u: np.concatenate([np.cumsum(w[::-1])[::-1][1:], [0]]) for u, w in wrong.items()}
         part = {u: torch.zeros(len(alive[u]), dtype=torch.int64) for u in units}
         seen = {u: torch.zeros(len(alive[u]), dtype=torch.int64) for u in units}
@@ -146,9 +157,9 @@ class CAR:
             chans = {u: c for u, c in chans.items() if c}
             if not chans:
                 return
-            for u, s in run(order[t], chans).items():
-                j = torch.tensor([pos[u][int(c)] for c in s.filters], dtype=torch.int64)
-                part[u][j] += s.base_counts.sum() - s.counts.sum(1)
+            for u, got in run(order[t], chans).items():
+                j = torch.tensor([pos[u][c] for c in got.filters], dtype=torch.int64)
+                part[u][j] += got.base - got.correct
                 seen[u][j] += 1
 
         def value(u: str, count: int) -> float:
@@ -199,6 +210,22 @@ class CAR:
                             "channels": sum(len(alive[u]) for u in units),
                             "wrong": cut, "blocks": len(order)}
         return out
+
+    def _search_margins(self, model: nn.Module, sc: Any) -> np.ndarray:
+        """The margins that order `search`'s images (`UnitScoring.margins`)."""
+        return sc.margins()
+
+    def _search_block(self, sc: Any, block: np.ndarray, chans: dict[str, list[int]]
+                      ) -> tuple[dict[str, BlockSums], list[Any], float, float | None]:
+        """One step of `search`: `chans` ({unit: channels}, [] for the unablated counts only)
+        scored on the images `block`. Per unit its `BlockSums`; the units' `UnitCost`s; the
+        prefix seconds; the metric's scale (None when no unit ran)."""
+        res = sc.run(block, chans)
+        sums = {u: BlockSums(filters=[int(c) for c in s.filters], base=int(s.base_counts.sum()),
+                             correct=s.counts.sum(1).to(torch.int64))
+                for u, s in res.items()}
+        scale = next(iter(res.values())).scale if len(res) else None
+        return sums, list(res.cost.units), res.cost.prefix_seconds, scale
 
     def base_value(self) -> float:
         """The metric's mean on the scoring images for the model last scored."""
