@@ -914,9 +914,53 @@ def part_e(b: Bench) -> None:
                         "full_cost": asdict(full.last_cost), "runs": doc}, md)
 
 
-def _search_worker(rank: int, init: str, s: Settings, world: int, out: str) -> None:
-    """One rank of part (e)'s sharded search: the same model, images and rank rule as the
-    one-process search; rank 0 writes the values, each rank its pairs and wall seconds."""
+def _search_job(b: Bench, ctx: Any) -> dict[str, Any]:
+    """Part (e)'s search (picks 1) on one rank: the same model, images and rank rule as the
+    one-process search."""
+    from carprune import distributed
+
+    model = b.model()
+    an = cp.prunable_units(model, b.x)
+    units = [u.name for u in an.units]
+    saved = {u: an.saved_flops(u, {}) for u in units}
+    car = distributed.ShardedCAR(b.data.score(b.s.score_images), ctx=ctx)
+    own: list[int] = []   # the (image, channel) pairs this rank's steps scored
+    step = imps.CAR._search_block
+
+    def spy(self: Any, sc: Any, block: Any, chans: dict[str, list[int]]) -> Any:
+        own.append(len(block) * sum(len(c) for c in chans.values()))
+        return step(self, sc, block, chans)
+
+    imps.CAR._search_block = spy
+    t0 = time.perf_counter()
+    v = car.search(model, an, units,
+                   lambda u, c, x: (rank_key(x, saved[u], True), units.index(u), c), picks=1)
+    return {"seconds": time.perf_counter() - t0, "pairs": sum(own), "search": car.last_search,
+            "values": {u: [None if x != x else x for x in t.tolist()] for u, t in v.items()}}
+
+
+def _run_job(b: Bench, ctx: Any) -> dict[str, Any]:
+    """Part (f) on one rank: part (a)'s CAR run with `distributed.ShardedCAR`."""
+    from carprune import distributed
+
+    spec = car_spec(b.s)
+    score = b.data.score(spec["images"])
+    t0 = time.perf_counter()
+    res = cp.compress_global(
+        b.model(), "all", score, flops_target=spec["flops_target"],
+        criterion=distributed.ShardedCAR(score, ctx=ctx, num_images=spec["images"],
+                                         seed=spec["seed"]),
+        example_input=b.x, score_images=spec["images"], cost_aware=True, seed=spec["seed"],
+        callbacks=_Print(f"car/{ctx.world_size} ranks") if ctx.rank == 0 else None)
+    return {"seconds": time.perf_counter() - t0, "removed": res.removed,
+            "trajectory": res.to_dict()["trajectory"]}
+
+
+_JOBS = {"search": _search_job, "run": _run_job}
+
+
+def _rank_main(rank: int, init: str, job: str, s: Settings, world: int, out: str) -> None:
+    """One gloo rank of 1 thread: `_JOBS[job]` on a fresh `Bench`, its record in `out`."""
     import torch.distributed as dist
 
     from carprune import distributed
@@ -927,42 +971,28 @@ def _search_worker(rank: int, init: str, s: Settings, world: int, out: str) -> N
     try:
         ctx = distributed.init_from_env("cpu")
         b = Bench(s)
-        model = b.model()
-        an = cp.prunable_units(model, b.x)
-        units = [u.name for u in an.units]
-        saved = {u: an.saved_flops(u, {}) for u in units}
-        car = distributed.ShardedCAR(b.data.score(s.score_images), ctx=ctx)
-        own: list[int] = []
-        step = imps.CAR._search_block
-
-        def spy(self: Any, sc: Any, block: Any, chans: dict[str, list[int]]) -> Any:
-            own.append(len(block) * sum(len(c) for c in chans.values()))
-            return step(self, sc, block, chans)
-
-        imps.CAR._search_block = spy
         dist.barrier()
-        t0 = time.perf_counter()
-        v = car.search(model, an, units,
-                       lambda u, c, x: (rank_key(x, saved[u], True), units.index(u), c), picks=1)
-        sec = time.perf_counter() - t0
-        doc = {"seconds": sec, "pairs": sum(own), "search": car.last_search,
-               "values": {u: [None if x != x else x for x in t.tolist()] for u, t in v.items()}}
-        Path(out, f"rank{rank}.json").write_text(json.dumps(doc))
+        Path(out, f"rank{rank}.json").write_text(json.dumps(_JOBS[job](b, ctx)))
     finally:
         dist.destroy_process_group()
 
 
-def _sharded_search(s: Settings, full: dict[str, list[float]], world: int = 2) -> dict[str, Any]:
-    """Part (e)'s search under `world` gloo ranks (the slowest rank's wall time); its exact
-    values are checked against full scoring's."""
+def _on_ranks(job: str, s: Settings, world: int) -> list[dict[str, Any]]:
+    """`_JOBS[job]` on `world` spawned gloo ranks; every rank's record."""
     import tempfile
 
     import torch.multiprocessing as mp
 
     with tempfile.TemporaryDirectory() as tmp:
-        mp.start_processes(_search_worker, args=(f"file://{tmp}/rendezvous", s, world, tmp),
+        mp.start_processes(_rank_main, args=(f"file://{tmp}/rendezvous", job, s, world, tmp),
                            nprocs=world, join=True, start_method="spawn")
-        got = [json.loads(Path(tmp, f"rank{r}.json").read_text()) for r in range(world)]
+        return [json.loads(Path(tmp, f"rank{r}.json").read_text()) for r in range(world)]
+
+
+def _sharded_search(s: Settings, full: dict[str, list[float]], world: int = 2) -> dict[str, Any]:
+    """Part (e)'s search under `world` gloo ranks (the slowest rank's wall time); its exact
+    values are checked against full scoring's."""
+    got = _on_ranks("search", s, world)
     equal = all(g["values"][u][j] is None or g["values"][u][j] == full[u][j]
                 for g in got for u in full for j in range(len(full[u])))
     return {"ranks": world, "seconds": max(g["seconds"] for g in got), "equal": equal,
@@ -970,53 +1000,17 @@ def _sharded_search(s: Settings, full: dict[str, list[float]], world: int = 2) -
             "shares": [g["pairs"] for g in got], "search": got[0]["search"]}
 
 
-def _run_worker(rank: int, init: str, s: Settings, world: int, out: str) -> None:
-    """One rank of part (f): part (a)'s CAR run with `distributed.ShardedCAR` (1 thread)."""
-    import torch.distributed as dist
-
-    from carprune import distributed
-
-    os.environ.update(WORLD_SIZE=str(world), RANK=str(rank), LOCAL_RANK=str(rank))
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=init, rank=rank, world_size=world)
-    try:
-        ctx = distributed.init_from_env("cpu")
-        b = Bench(s)
-        spec = car_spec(s)
-        score = b.data.score(spec["images"])
-        dist.barrier()
-        t0 = time.perf_counter()
-        res = cp.compress_global(
-            b.model(), "all", score, flops_target=spec["flops_target"],
-            criterion=distributed.ShardedCAR(score, ctx=ctx, num_images=spec["images"],
-                                             seed=spec["seed"]),
-            example_input=b.x, score_images=spec["images"], cost_aware=True, seed=spec["seed"],
-            callbacks=_Print(f"car/{world} ranks") if rank == 0 else None)
-        doc = {"seconds": time.perf_counter() - t0, "removed": res.removed,
-               "trajectory": res.to_dict()["trajectory"]}
-        Path(out, f"rank{rank}.json").write_text(json.dumps(doc))
-    finally:
-        dist.destroy_process_group()
-
-
 def part_f(b: Bench, world: int = 2) -> None:
     """Part (a)'s CAR run split across `world` processes of 1 thread (gloo, `ShardedCAR`: the
     exact search split step by step), against the one-process run of part (a) (cached, or run
     first): the same choices and work, and the wall time."""
-    import tempfile
-
-    import torch.multiprocessing as mp
-
     s = b.s
     env = _env(s)
     ref, meta = b.global_run(car_spec(s))
     print(f"part (f): the CAR run of part (a) ({s.net}, {s.score_images} images, "
           f"{s.flops_target} x FLOPs) across {world} processes of 1 thread", flush=True)
     t0 = time.perf_counter()
-    with tempfile.TemporaryDirectory() as tmp:
-        mp.start_processes(_run_worker, args=(f"file://{tmp}/rendezvous", s, world, tmp),
-                           nprocs=world, join=True, start_method="spawn")
-        got = [json.loads(Path(tmp, f"rank{r}.json").read_text()) for r in range(world)]
+    got = _on_ranks("run", s, world)
     wall = time.perf_counter() - t0
     times = ("seconds", "score_seconds", "tail_seconds")
     strip = lambda t: [{k: v for k, v in r.items() if k not in times} for r in t]
