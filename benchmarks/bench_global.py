@@ -136,6 +136,7 @@ class Settings:
     quick: bool = False
     threads: int | None = None
     out: str = ""
+    profile: bool = False             # part (e): where the search's time goes (torch.profiler)
 
     @property
     def outdir(self) -> Path:
@@ -899,6 +900,9 @@ def part_e(b: Bench) -> None:
     # the same search (picks 1) split across 2 gloo ranks of 1 thread each (`ShardedCAR`)
     shard = _sharded_search(s, {u: v.tolist() for u, v in vf.items()})
     doc["sharded"] = shard
+    prof_md: list[str] = []
+    if s.profile:
+        doc["profile"], prof_md = _profile_search(model, an, units, score, rank)
     md = "\n".join([
         f"### Part (e): exact search against full scoring, {s.net}, first round, "
         f"{s.score_images} scoring images", "",
@@ -912,9 +916,50 @@ def part_e(b: Bench) -> None:
         f"{doc[1]['seconds']:.1f} s for one process of {torch.get_num_threads()} threads; "
         f"exact values equal to full scoring's: {shard['equal']}; image-ablations "
         f"{' + '.join(f'{p:,}' for p in shard['shares'])} (one process: "
-        f"{doc[1]['search']['pairs']:,})."])
+        f"{doc[1]['search']['pairs']:,}).", *prof_md])
     write_part(s, "e", {"part": "e", "settings": asdict(s), "env_start": env, "full_seconds": tf,
                         "full_cost": asdict(full.last_cost), "runs": doc}, md)
+
+
+def _profile_search(model: nn.Module, an: Any, units: list[str], score: Any,
+                    rank: Callable[..., Any]) -> tuple[dict[str, Any], list[str]]:
+    """The picks-1 search once more under torch.profiler (no shapes: recording them slows the
+    ops themselves): self CPU time per op; and, from a forward pre-hook on every nn.Conv2d,
+    the rows (batch) of each convolution call by input width."""
+    from torch.profiler import ProfilerActivity, profile
+
+    rows: dict[tuple[int, int], list[int]] = {}
+
+    def seen(mod: nn.Module, args: tuple) -> None:
+        if isinstance(mod, nn.Conv2d) and args and args[0].dim() == 4:
+            x = args[0]
+            rows.setdefault((int(x.shape[1]), int(x.shape[2])), []).append(int(x.shape[0]))
+
+    hook = nn.modules.module.register_module_forward_pre_hook(seen)
+    try:
+        with profile(activities=[ProfilerActivity.CPU]) as prof:
+            t0 = time.perf_counter()
+            imps.CAR(score).search(model, an, units, rank, picks=1)
+            wall = time.perf_counter() - t0
+    finally:
+        hook.remove()
+    ops = sorted(prof.key_averages(), key=lambda e: -e.self_cpu_time_total)
+    total = sum(e.self_cpu_time_total for e in ops) or 1
+    by_op = [{"op": e.key, "self_s": e.self_cpu_time_total / 1e6, "calls": e.count,
+              "share": e.self_cpu_time_total / total} for e in ops[:8]]
+    by_width = [{"channels": c, "size": h, "calls": len(r), "rows_median": float(np.median(r)),
+                 "rows_min": min(r), "rows_max": max(r)} for (c, h), r in sorted(rows.items())]
+    md = ["", f"Where the search's time goes (`--profile`: torch.profiler, {wall:.1f} s with it "
+          "on): self CPU time by op; then every nn.Conv2d call's rows (images x ablations) by "
+          "input width.", "",
+          md_table(["op", "self (s)", "share", "calls"],
+                   [[o["op"], f"{o['self_s']:.2f}", f"{100 * o['share']:.0f} %", o["calls"]]
+                    for o in by_op]), "",
+          md_table(["conv input (channels x size^2)", "calls", "rows per call (median, range)"],
+                   [[f"{w['channels']} x {w['size']}^2", w["calls"],
+                     f"{w['rows_median']:.0f} ({w['rows_min']}-{w['rows_max']})"]
+                    for w in by_width])]
+    return {"wall_s": wall, "ops": by_op, "conv_rows": by_width}, md
 
 
 def _search_job(b: Bench, ctx: Any) -> dict[str, Any]:
@@ -1059,6 +1104,8 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--no-tp", action="store_true", help="skip the Torch-Pruning rows")
     ap.add_argument("--threads", type=int, help="torch threads (default: torch's own)")
     ap.add_argument("--quick", action="store_true", help="tiny smoke run (1 thread)")
+    ap.add_argument("--profile", action="store_true",
+                    help="part (e): profile the search (self time by op, convolutions by shape)")
     ap.add_argument("--out", default="", help="output directory (default out/bench/global)")
     a = ap.parse_args(argv)
     s = replace(d, **QUICK) if a.quick else d
@@ -1066,7 +1113,7 @@ def main(argv: list[str] | None = None) -> None:
             "ft_epochs": a.ft_epochs, "ft_images": a.ft_images, "rank_ft_epochs": a.rank_ft_epochs,
             "rank_ft_images": a.rank_ft_images, "holdout_images": a.holdout_images,
             "subnetworks": a.subnetworks, "c_score_images": a.c_score_images, "seed": a.seed,
-            "threads": a.threads, "out": a.out, "quick": a.quick}
+            "threads": a.threads, "out": a.out, "quick": a.quick, "profile": a.profile}
     s = replace(s, **{k: v for k, v in over.items() if v is not None}, tp=not a.no_tp)
     if not s.score_images:
         s = replace(s, score_images=SCORE_IMAGES[s.net])
