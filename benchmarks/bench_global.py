@@ -9,6 +9,7 @@ before fine-tuning predicts accuracy after it; the round rule; the cost model of
     python -m benchmarks.bench_global --part d                    # cost model of the CAR run of (a)
     python -m benchmarks.bench_global --part e                    # exact search vs full scoring
     python -m benchmarks.bench_global --part f                    # (a)'s CAR run on 2 processes
+    python -m benchmarks.bench_global --part g                    # (a) with other fine-tuning seeds
     python -m benchmarks.bench_global --part all --net resnet20   # every part, in that order
     python -m benchmarks.bench_global --part all --quick          # tiny smoke run (1 thread)
 
@@ -137,6 +138,8 @@ class Settings:
     threads: int | None = None
     out: str = ""
     profile: bool = False             # part (e): where the search's time goes (torch.profiler)
+    ft_seeds: int = 3                 # part (g): fine-tuning seeds, part (a)'s first
+    g_rows: tuple[str, ...] = ()      # part (g): only these networks of part (a) (default all)
 
     @property
     def outdir(self) -> Path:
@@ -659,6 +662,49 @@ def part_a(b: Bench) -> None:
                         "seconds": time.perf_counter() - t0, "rows": rows}, md)
 
 
+# -- part (g): is part (a)'s order after fine-tuning more than one fine-tuning's luck? ---------------
+def part_g(b: Bench) -> None:
+    """Part (a)'s networks fine-tuned again with other fine-tuning seeds (the order of the same
+    fine-tuning images; everything else as part (a), whose seed is the first): per network the
+    hold-out accuracy per seed, mean and sample sd; CAR against each other row per seed."""
+    s = b.s
+    seeds = [s.seed + k for k in range(s.ft_seeds)]
+    specs = [sp for sp in specs_a(s) if not s.g_rows or sp["name"] in s.g_rows]
+    t0, env = time.perf_counter(), _env(s)
+    print(f"part (g): {s.net}, part (a)'s networks fine-tuned with seeds {seeds} "
+          f"({s.ft_epochs} epochs x {s.ft_images} images)", flush=True)
+    acc: dict[str, list[float]] = {}
+    for spec in specs:
+        for k in seeds:
+            _, after = b.measure(spec, FineTune(s.ft_epochs, s.ft_images, seed=k))
+            acc.setdefault(spec["name"], []).append(after["accuracy"])
+    rows = []
+    for name, v in sorted(acc.items(), key=lambda kv: -float(np.mean(kv[1]))):
+        sd = float(np.std(v, ddof=1)) if len(v) > 1 else 0.0
+        rows.append([name, *[f"{x:.4f}" for x in v], f"{np.mean(v):.4f}", f"{sd:.4f}"])
+    diffs = []
+    if "car" in acc:
+        for name, v in acc.items():
+            if name in ("car", "unpruned"):
+                continue
+            d = [c - x for c, x in zip(acc["car"], v, strict=True)]
+            diffs.append([name, *[f"{x:+.4f}" for x in d], f"{np.mean(d):+.4f}",
+                          f"{sum(x > 0 for x in d)}/{len(d)}"])
+    md = "\n".join([
+        f"### Part (g): fine-tuning seeds, {s.net}", "",
+        f"Part (a)'s networks (as pruned there, cached) fine-tuned with seeds {seeds}: "
+        f"{s.ft_epochs} epochs over the same {s.ft_images} train images, the seed orders them; "
+        f"hold-out {s.holdout_images} test images. Threads {torch.get_num_threads()}, load "
+        f"average {env['load_average']} -> {_load()}.", "",
+        md_table(["network", *[f"seed {k}" for k in seeds], "mean", "sd"], rows), "",
+        "CAR minus each network, per seed (positive: CAR ahead):", "",
+        md_table(["against", *[f"seed {k}" for k in seeds], "mean", "CAR ahead"], diffs), "",
+        f"part wall time {time.perf_counter() - t0:.0f} s (cached records count 0)"])
+    write_part(s, "g", {"part": "g", "settings": asdict(s), "env_start": env,
+                        "load_end": _load(), "seeds": seeds, "accuracy": acc,
+                        "seconds": time.perf_counter() - t0}, md)
+
+
 # -- part (b): does accuracy before fine-tuning predict accuracy after it? ----------------------------
 def specs_b(s: Settings) -> list[dict[str, Any]]:
     img, small = s.score_images, max(10, s.score_images // 5)
@@ -1082,7 +1128,8 @@ def part_f(b: Bench, world: int = 2) -> None:
                         "same": same, "ranks": got}, md)
 
 
-PARTS = {"a": part_a, "b": part_b, "c": part_c, "d": part_d, "e": part_e, "f": part_f}
+PARTS = {"a": part_a, "b": part_b, "c": part_c, "d": part_d, "e": part_e, "f": part_f,
+         "g": part_g}
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -1104,6 +1151,8 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--no-tp", action="store_true", help="skip the Torch-Pruning rows")
     ap.add_argument("--threads", type=int, help="torch threads (default: torch's own)")
     ap.add_argument("--quick", action="store_true", help="tiny smoke run (1 thread)")
+    ap.add_argument("--ft-seeds", type=int, help=f"part (g), default {d.ft_seeds}")
+    ap.add_argument("--g-rows", help="part (g): comma-separated network names of part (a)")
     ap.add_argument("--profile", action="store_true",
                     help="part (e): profile the search (self time by op, convolutions by shape)")
     ap.add_argument("--out", default="", help="output directory (default out/bench/global)")
@@ -1113,7 +1162,9 @@ def main(argv: list[str] | None = None) -> None:
             "ft_epochs": a.ft_epochs, "ft_images": a.ft_images, "rank_ft_epochs": a.rank_ft_epochs,
             "rank_ft_images": a.rank_ft_images, "holdout_images": a.holdout_images,
             "subnetworks": a.subnetworks, "c_score_images": a.c_score_images, "seed": a.seed,
-            "threads": a.threads, "out": a.out, "quick": a.quick, "profile": a.profile}
+            "threads": a.threads, "out": a.out, "quick": a.quick, "profile": a.profile,
+            "ft_seeds": a.ft_seeds,
+            "g_rows": tuple(a.g_rows.split(",")) if a.g_rows else None}
     s = replace(s, **{k: v for k, v in over.items() if v is not None}, tp=not a.no_tp)
     if not s.score_images:
         s = replace(s, score_images=SCORE_IMAGES[s.net])
