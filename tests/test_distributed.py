@@ -174,6 +174,14 @@ def _worker(rank: int, init: str, results: str) -> None:
             out["mismatch"] = None
         except RuntimeError as exc:
             out["mismatch"] = str(exc)
+        # the same for the exact search: the ranks' scoring images are compared before any step
+        units = cp.prunable_units(model, cp.data.batches.load_batch(data, [0])[0])
+        try:
+            distributed.ShardedCAR(data, ctx=ctx, num_images=50 + 50 * rank).search(
+                model, units, ["conv1", "conv2"], lambda u, c, v: v)
+            out["search_mismatch"] = None
+        except RuntimeError as exc:
+            out["search_mismatch"] = str(exc)
         # equal data: the gathered scores equal one process's, on every rank
         full = cp.LayerScorer(model, "conv1", data, num_images=60, progress=False).score()
         got = distributed.ShardedScorer(model, "conv1", data, ctx=ctx, num_images=60,
@@ -193,6 +201,7 @@ def test_stop_agreement_and_base_count_check_across_ranks(tmp_path, lenet):
         assert r["active"] and r["quiet"] is False and r["stop"] is True
         assert r["callbacks_quiet"] is False and r["callbacks_stop"] is True
         assert "different images or models" in r["mismatch"]
+        assert "scoring image indices differ" in r["search_mismatch"]
         assert r["sharded_equal"] is True
     assert res[0]["reason"] == "a signal to another rank" and res[1]["reason"] == "SIGTERM"
 

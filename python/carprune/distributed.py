@@ -379,14 +379,10 @@ class ShardedCAR(CAR):
                                      "prefix": prefix_s, "scale": scale})
         merged: dict[str, UnitCost] = {}
         for m in box:
-            for c in m["costs"]:
-                c = UnitCost(**c)
+            for d in m["costs"]:
+                c = UnitCost(**d)
                 if c.unit in merged:
-                    k = merged[c.unit]
-                    k.pairs += c.pairs
-                    k.pairs_run += c.pairs_run
-                    k.seconds += c.seconds
-                    k.channels += c.channels
+                    merged[c.unit].add(c, same_channels=False)
                 else:
                     merged[c.unit] = c
         scales = [m["scale"] for m in box if m["scale"] is not None]

@@ -135,11 +135,7 @@ class CAR:
             scale = scale if got_scale is None else got_scale
             for c in unit_costs:
                 if c.unit in costs:
-                    k = costs[c.unit]
-                    k.pairs += c.pairs
-                    k.pairs_run += c.pairs_run
-                    k.seconds += c.seconds
-                    k.channels = max(k.channels, c.channels)
+                    costs[c.unit].add(c, same_channels=True)
                 else:
                     costs[c.unit] = c
             return sums

@@ -496,6 +496,16 @@ class UnitCost:
     run_macs: int
     seconds: float
 
+    def add(self, other: UnitCost, *, same_channels: bool) -> None:
+        """Adds `other`'s work on the same unit: pairs, pairs run and seconds. `same_channels`:
+        `other` scored (some of) the same channels on other images (channels: the larger);
+        else other channels (channels: the sum, e.g. shares of one step across ranks)."""
+        self.pairs += other.pairs
+        self.pairs_run += other.pairs_run
+        self.seconds += other.seconds
+        self.channels = (max(self.channels, other.channels) if same_channels
+                         else self.channels + other.channels)
+
     @property
     def gflops(self) -> float:
         """Tail throughput: 2 x run_macs x pairs_run / seconds, in GFLOP/s."""
