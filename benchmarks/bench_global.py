@@ -8,6 +8,7 @@ before fine-tuning predicts accuracy after it; the round rule; the cost model of
     python -m benchmarks.bench_global --part c                    # round rule (ResNet-20, 0.9 FLOPs)
     python -m benchmarks.bench_global --part d                    # cost model of the CAR run of (a)
     python -m benchmarks.bench_global --part e                    # exact search vs full scoring
+    python -m benchmarks.bench_global --part e --e-round 100      # the same at (d)'s round 101
     python -m benchmarks.bench_global --part f                    # (a)'s CAR run on 2 processes
     python -m benchmarks.bench_global --part g                    # (a) with other fine-tuning seeds
     python -m benchmarks.bench_global --part all --net resnet20   # every part, in that order
@@ -138,6 +139,7 @@ class Settings:
     threads: int | None = None
     out: str = ""
     profile: bool = False             # part (e): where the search's time goes (torch.profiler)
+    e_round: int = 0                  # part (e): the network after this many rounds of part (d)
     ft_seeds: int = 3                 # part (g): fine-tuning seeds, part (a)'s first
     g_rows: tuple[str, ...] = ()      # part (g): only these networks of part (a) (default all)
 
@@ -908,15 +910,43 @@ def part_d(b: Bench) -> None:
 
 
 # -- part (e): the exact search against full scoring, one round, side by side -------------------
+def _e_network(b: Bench) -> tuple[nn.Module, Any, str]:
+    """Part (e)'s network, its units and a description: the pretrained network, or with
+    --e-round N the network of part (d)'s CAR run after N rounds (its choices read from
+    <net>-d.json), pruned physically as the run had it."""
+    model = b.model()
+    an = cp.prunable_units(model, b.x)
+    n = b.s.e_round
+    if not n:
+        return model, an, "first round"
+    path = b.s.outdir / f"{b.s.net}-d.json"
+    if not path.exists():
+        raise SystemExit(f"--e-round reads part (d)'s record {path}, which does not exist: run "
+                         "--part d first")
+    rounds = json.loads(path.read_text())["rounds"]
+    if not 0 < n < len(rounds):
+        raise SystemExit(f"--e-round must lie in [1, {len(rounds) - 1}] (part (d) ran "
+                         f"{len(rounds)} rounds), got {n}")
+    removed: dict[str, list[int]] = {}
+    for r in rounds[:n]:
+        for c in r["removed"]:
+            removed.setdefault(c["unit"], []).append(c["channel"])
+    model = cp.prune_units(model, {u: sorted(c) for u, c in removed.items()}, b.x,
+                           analysis=an).eval()
+    return model, cp.prunable_units(model, b.x), (
+        f"round {n + 1} (part (d)'s network after {n} rounds: "
+        f"{sum(map(len, removed.values()))} channels removed, FLOPs "
+        f"{rounds[n - 1]['flops'] / an.cost({})[0]:.3f} of the original)")
+
+
 def part_e(b: Bench) -> None:
     s = b.s
     env = _env(s)
-    model = b.model()
-    an = cp.prunable_units(model, b.x)
+    model, an, where = _e_network(b)
     units = [u.name for u in an.units]
     saved = {u: an.saved_flops(u, {}) for u in units}
     score = b.data.score(s.score_images)
-    print(f"part (e): first round of {s.net} on {s.score_images} scoring images, full scoring "
+    print(f"part (e): {where} of {s.net} on {s.score_images} scoring images, full scoring "
           "then the exact search, one after the other", flush=True)
 
     def rank(u: str, c: int, v: float) -> tuple:
@@ -950,7 +980,7 @@ def part_e(b: Bench) -> None:
     if s.profile:
         doc["profile"], prof_md = _profile_search(model, an, units, score, rank)
     md = "\n".join([
-        f"### Part (e): exact search against full scoring, {s.net}, first round, "
+        f"### Part (e): exact search against full scoring, {s.net}, {where}, "
         f"{s.score_images} scoring images", "",
         f"threads {torch.get_num_threads()}, load average {env['load_average']} -> {_load()}; "
         f"full scoring took {tf:.1f} s ({full.last_cost.gflops:.0f} GFLOP/s of tails, fp32 GEMM "
@@ -963,49 +993,72 @@ def part_e(b: Bench) -> None:
         f"exact values equal to full scoring's: {shard['equal']}; image-ablations "
         f"{' + '.join(f'{p:,}' for p in shard['shares'])} (one process: "
         f"{doc[1]['search']['pairs']:,}).", *prof_md])
-    write_part(s, "e", {"part": "e", "settings": asdict(s), "env_start": env, "full_seconds": tf,
+    part = f"e-round{s.e_round}" if s.e_round else "e"
+    write_part(s, part, {"part": part, "settings": asdict(s), "env_start": env, "full_seconds": tf,
                         "full_cost": asdict(full.last_cost), "runs": doc}, md)
 
 
 def _profile_search(model: nn.Module, an: Any, units: list[str], score: Any,
                     rank: Callable[..., Any]) -> tuple[dict[str, Any], list[str]]:
     """The picks-1 search once more under torch.profiler (no shapes: recording them slows the
-    ops themselves): self CPU time per op; and, from a forward pre-hook on every nn.Conv2d,
-    the rows (batch) of each convolution call by input width."""
+    ops themselves): self CPU time per op; and, from forward hooks on every nn.Conv2d, each
+    convolution shape's calls, rows per call (images x ablations), wall time and GFLOP/s (the
+    hooks' clock, under the profiler: a slight overestimate of the time)."""
     from torch.profiler import ProfilerActivity, profile
 
-    rows: dict[tuple[int, int], list[int]] = {}
+    shapes: dict[tuple[int, int, int, int], dict[str, Any]] = {}
+    started: dict[int, float] = {}
 
-    def seen(mod: nn.Module, args: tuple) -> None:
-        if isinstance(mod, nn.Conv2d) and args and args[0].dim() == 4:
+    def before(mod: nn.Module, args: tuple) -> None:
+        if isinstance(mod, nn.Conv2d):
+            started[id(mod)] = time.perf_counter()
+
+    def after(mod: nn.Module, args: tuple, out: Any) -> None:
+        if isinstance(mod, nn.Conv2d) and id(mod) in started:
+            dt = time.perf_counter() - started.pop(id(mod))
             x = args[0]
-            rows.setdefault((int(x.shape[1]), int(x.shape[2])), []).append(int(x.shape[0]))
+            k = (mod.in_channels, mod.out_channels, int(x.shape[2]), mod.stride[0])
+            rec = shapes.setdefault(k, {"rows": [], "seconds": 0.0, "flops": 0})
+            rec["rows"].append(int(x.shape[0]))
+            rec["seconds"] += dt
+            rec["flops"] += 2 * out.numel() * (mod.in_channels // mod.groups) * math.prod(
+                mod.kernel_size)
 
-    hook = nn.modules.module.register_module_forward_pre_hook(seen)
+    hooks = [nn.modules.module.register_module_forward_pre_hook(before),
+             nn.modules.module.register_module_forward_hook(after)]
     try:
         with profile(activities=[ProfilerActivity.CPU]) as prof:
             t0 = time.perf_counter()
             imps.CAR(score).search(model, an, units, rank, picks=1)
             wall = time.perf_counter() - t0
     finally:
-        hook.remove()
+        for h in hooks:
+            h.remove()
     ops = sorted(prof.key_averages(), key=lambda e: -e.self_cpu_time_total)
     total = sum(e.self_cpu_time_total for e in ops) or 1
     by_op = [{"op": e.key, "self_s": e.self_cpu_time_total / 1e6, "calls": e.count,
               "share": e.self_cpu_time_total / total} for e in ops[:8]]
-    by_width = [{"channels": c, "size": h, "calls": len(r), "rows_median": float(np.median(r)),
-                 "rows_min": min(r), "rows_max": max(r)} for (c, h), r in sorted(rows.items())]
+    by_shape = sorted(({"in": k[0], "out": k[1], "size": k[2], "stride": k[3],
+                        "calls": len(r["rows"]), "rows_median": float(np.median(r["rows"])),
+                        "rows_min": min(r["rows"]), "rows_max": max(r["rows"]),
+                        "seconds": r["seconds"], "gflops": r["flops"] / r["seconds"] / 1e9}
+                       for k, r in shapes.items()), key=lambda r: -r["seconds"])
+    conv_s = sum(r["seconds"] for r in by_shape)
+    conv_g = sum(r["gflops"] * r["seconds"] for r in by_shape) / max(conv_s, 1e-9)
     md = ["", f"Where the search's time goes (`--profile`: torch.profiler, {wall:.1f} s with it "
-          "on): self CPU time by op; then every nn.Conv2d call's rows (images x ablations) by "
-          "input width.", "",
+          "on): self CPU time by op; then each convolution shape (in -> out channels, input "
+          f"size, stride; the 10 slowest in total) by the hooks' clock: {conv_s:.1f} s in all "
+          f"at {conv_g:.0f} GFLOP/s.", "",
           md_table(["op", "self (s)", "share", "calls"],
                    [[o["op"], f"{o['self_s']:.2f}", f"{100 * o['share']:.0f} %", o["calls"]]
                     for o in by_op]), "",
-          md_table(["conv input (channels x size^2)", "calls", "rows per call (median, range)"],
-                   [[f"{w['channels']} x {w['size']}^2", w["calls"],
-                     f"{w['rows_median']:.0f} ({w['rows_min']}-{w['rows_max']})"]
-                    for w in by_width])]
-    return {"wall_s": wall, "ops": by_op, "conv_rows": by_width}, md
+          md_table(["conv (in -> out, size^2, stride)", "calls", "rows per call (median, range)",
+                    "time (s)", "GFLOP/s"],
+                   [[f"{r['in']} -> {r['out']}, {r['size']}^2, /{r['stride']}", r["calls"],
+                     f"{r['rows_median']:.0f} ({r['rows_min']}-{r['rows_max']})",
+                     f"{r['seconds']:.2f}", f"{r['gflops']:.0f}"] for r in by_shape[:10]])]
+    return {"wall_s": wall, "ops": by_op, "conv_shapes": by_shape, "conv_seconds": conv_s,
+            "conv_gflops": conv_g}, md
 
 
 def _search_job(b: Bench, ctx: Any) -> dict[str, Any]:
@@ -1013,8 +1066,7 @@ def _search_job(b: Bench, ctx: Any) -> dict[str, Any]:
     one-process search."""
     from carprune import distributed
 
-    model = b.model()
-    an = cp.prunable_units(model, b.x)
+    model, an, _ = _e_network(b)
     units = [u.name for u in an.units]
     saved = {u: an.saved_flops(u, {}) for u in units}
     car = distributed.ShardedCAR(b.data.score(b.s.score_images), ctx=ctx)
@@ -1155,6 +1207,8 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--g-rows", help="part (g): comma-separated network names of part (a)")
     ap.add_argument("--profile", action="store_true",
                     help="part (e): profile the search (self time by op, convolutions by shape)")
+    ap.add_argument("--e-round", type=int,
+                    help="part (e): start from part (d)'s network after this many rounds")
     ap.add_argument("--out", default="", help="output directory (default out/bench/global)")
     a = ap.parse_args(argv)
     s = replace(d, **QUICK) if a.quick else d
@@ -1163,7 +1217,7 @@ def main(argv: list[str] | None = None) -> None:
             "rank_ft_images": a.rank_ft_images, "holdout_images": a.holdout_images,
             "subnetworks": a.subnetworks, "c_score_images": a.c_score_images, "seed": a.seed,
             "threads": a.threads, "out": a.out, "quick": a.quick, "profile": a.profile,
-            "ft_seeds": a.ft_seeds,
+            "ft_seeds": a.ft_seeds, "e_round": a.e_round,
             "g_rows": tuple(a.g_rows.split(",")) if a.g_rows else None}
     s = replace(s, **{k: v for k, v in over.items() if v is not None}, tp=not a.no_tp)
     if not s.score_images:

@@ -1,6 +1,6 @@
 """The one evaluator (carprune.evaluate): accuracy and per-class counts equal a plain forward
 pass of the whole network over real CIFAR-10 images, for every data form and batch size; the
-memory-based batch size stays within its budget."""
+memory-based batch size follows the engine's call rule within its budget."""
 
 from __future__ import annotations
 
@@ -13,6 +13,7 @@ from torch import nn
 from torch.utils.data import DataLoader, Subset, TensorDataset
 
 from carprune.data.batches import pick_indices
+from carprune.engine import MAX_CALL_ROWS, TARGET_CALL_BYTES
 from carprune.evaluate import (
     DEFAULT_ROWS,
     accuracy,
@@ -87,13 +88,17 @@ def test_the_models_modes_come_back_and_events_count_images(resnet20, images):
 def test_batch_size_from_memory(resnet20, images):
     x, _ = images.batch(np.arange(1))
     gm = trace(resnet20)
-    per = bytes_per_image(gm, x)
+    largest, per = bytes_per_image(gm, x)
     # at least the input and the 16 x 32 x 32 float maps of the first block (several of them)
     assert per > x[0].numel() * 4 + 6 * 16 * 32 * 32 * 4
-    assert rows_for(resnet20, x, per * 10 + 5, 300) == 10
-    assert rows_for(resnet20, x, "1GiB", 300) == 300
+    assert largest == 16 * 32 * 32 * 4            # the widest map: 16 channels at 32 x 32
+    assert rows_for(resnet20, x, per * 10 + 5, 300) == 10       # the budget binds
+    # a large budget: the engine's call rule, the largest map near TARGET_CALL_BYTES per batch
+    assert rows_for(resnet20, x, "1GiB", 300) == TARGET_CALL_BYTES // largest == 64
+    assert rows_for(resnet20, x, "1GiB", 50) == 50              # never more than the images
     assert rows_for(resnet20, x, 1, 300) == 1
-    assert batch_rows(100, 10**9, 10**6) == 4096
+    assert batch_rows(100, 10**9, 10**6) == MAX_CALL_ROWS       # the engine's cap
+    assert batch_rows(100, 10**9, 10**6, largest=2**20) == TARGET_CALL_BYTES // 2**20
 
     class Branchy(nn.Module):            # data-dependent control flow: not traceable
         def forward(self, x):

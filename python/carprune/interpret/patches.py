@@ -152,9 +152,9 @@ def search_patches(
         raise ValueError(f"images of shape {tuple(x0.shape[1:])} do not fit the model "
                          f"({str(exc).splitlines()[0]})") from exc
     rf = receptive_field_of(sub, conv)
-    per_image = bytes_per_image(sub, x0)   # the engine's measurement, input included
+    largest, per_image = bytes_per_image(sub, x0)   # the engine's measurement, input included
     budget = parse_bytes(memory_budget)
-    rows = batch_rows(per_image, budget, len(indices))
+    rows = batch_rows(per_image, budget, len(indices), largest)
     out_meta = next(n for n in sub.graph.nodes if n.op == "output").args[0].meta["tensor_meta"]
     nf, map_h, map_w = (int(v) for v in out_meta.shape[1:])
     top = TopK(nf, k, dev)
@@ -192,8 +192,8 @@ def search_patches(
         values=top.values.cpu().numpy().astype(np.float32), images=images.astype(np.int64),
         rows=(pos // w).astype(np.int64), cols=(pos % w).astype(np.int64), labels=labels,
         class_first=class_first, class_counts=class_counts, num_images=len(indices),
-        stats={"batch_rows": rows, "bytes_per_image": per_image, "budget": budget,
-               "max_batch": max_batch, "state_bytes": top.state_bytes})
+        stats={"batch_rows": rows, "bytes_per_image": per_image, "largest_bytes": largest,
+               "budget": budget, "max_batch": max_batch, "state_bytes": top.state_bytes})
 
 
 def _labels_at(data: DataLike, images: np.ndarray) -> np.ndarray:
