@@ -957,10 +957,11 @@ def part_e(b: Bench) -> None:
     t0 = time.perf_counter()
     vf = full(model, an, units)
     tf = time.perf_counter() - t0
-    for picks in (1, 3):
+    # picks 1 and 3 as the run does them, then picks 1 without promotion (`CAR.search`)
+    for picks, promote in ((1, 3), (3, 3), (1, 0)):
         car = cp.importance.CAR(score)
         t0 = time.perf_counter()
-        vs = car.search(model, an, units, rank, picks=picks)
+        vs = car.search(model, an, units, rank, picks=picks, promote=promote)
         ts = time.perf_counter() - t0
         same = all(torch.equal(vs[u][~vs[u].isnan()], vf[u][~vs[u].isnan()]) for u in units)
         pick = [min(((rank(u, j, float(v[u][j])), u, j) for j in range(len(v[u]))
@@ -968,9 +969,10 @@ def part_e(b: Bench) -> None:
         best_f = sorted(p for p in pick[:len(units)] if p)[:picks]
         best_s = sorted(p for p in pick[len(units):] if p)[:picks]
         st = car.last_search
-        doc[picks] = {"search": st, "seconds": ts, "exact_values_equal": same,
-                      "same_choice": best_f == best_s, "cost": asdict(car.last_cost)}
-        rows.append([picks, f"{st['pairs']:,} / {st['full_pairs']:,}",
+        doc[picks if promote else f"{picks}-no-promotion"] = {
+            "search": st, "seconds": ts, "exact_values_equal": same,
+            "same_choice": best_f == best_s, "cost": asdict(car.last_cost)}
+        rows.append([picks, promote, f"{st['pairs']:,} / {st['full_pairs']:,}",
                      f"{st['pairs'] / st['full_pairs']:.3f}", f"{st['exact']} / {st['channels']}",
                      sec(ts), sec(tf), f"{tf / ts:.2f}x", best_f == best_s, same])
     # the same search (picks 1) split across 2 gloo ranks of 1 thread each (`ShardedCAR`)
@@ -985,8 +987,9 @@ def part_e(b: Bench) -> None:
         f"threads {torch.get_num_threads()}, load average {env['load_average']} -> {_load()}; "
         f"full scoring took {tf:.1f} s ({full.last_cost.gflops:.0f} GFLOP/s of tails, fp32 GEMM "
         f"{cp.cost.gemm_gflops():.0f} GFLOP/s).", "",
-        md_table(["picks", "image-ablations (search / full)", "fraction", "channels scored to the end",
-                  "search (s)", "full (s)", "speed-up", "same choice", "exact values equal"], rows),
+        md_table(["picks", "promote", "image-ablations (search / full)", "fraction",
+                  "channels scored to the end", "search (s)", "full (s)", "speed-up",
+                  "same choice", "exact values equal"], rows),
         "", f"The search with picks 1 split across {shard['ranks']} processes of 1 thread "
         f"(`distributed.ShardedCAR`, gloo): {shard['seconds']:.1f} s against "
         f"{doc[1]['seconds']:.1f} s for one process of {torch.get_num_threads()} threads; "
