@@ -97,8 +97,8 @@ def test_batch_size_from_memory(resnet20, images):
     assert rows_for(resnet20, x, "1GiB", 300) == TARGET_CALL_BYTES // largest == 64
     assert rows_for(resnet20, x, "1GiB", 50) == 50              # never more than the images
     assert rows_for(resnet20, x, 1, 300) == 1
-    assert batch_rows(100, 10**9, 10**6) == MAX_CALL_ROWS       # the engine's cap
-    assert batch_rows(100, 10**9, 10**6, largest=2**20) == TARGET_CALL_BYTES // 2**20
+    assert batch_rows(100, 10**9, 10**6, 100) == MAX_CALL_ROWS  # the engine's cap
+    assert batch_rows(100, 10**9, 10**6, 2**20) == TARGET_CALL_BYTES // 2**20
 
     class Branchy(nn.Module):            # data-dependent control flow: not traceable
         def forward(self, x):

@@ -37,7 +37,7 @@ from .engine import _rows_for, _SizeRecorder, parse_bytes
 DEFAULT_ROWS = 256  # images per batch for a model torch.fx cannot trace (nothing to measure)
 
 
-def batch_rows(per_image: int, budget: int, n: int, largest: int = 0) -> int:
+def batch_rows(per_image: int, budget: int, n: int, largest: int) -> int:
     """Images per batch, by the engine's rule for its calls (`engine._rows_for`): the largest
     tensor one image adds (`largest` bytes) times the batch near `engine.TARGET_CALL_BYTES`,
     `per_image` bytes each within `budget`, at most `engine.MAX_CALL_ROWS` and `n`, at least

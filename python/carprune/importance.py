@@ -108,10 +108,10 @@ class CAR:
         ranks below the threshold, is scored on all the blocks left at once and its exact value
         tightens the threshold (when the first estimate picked the leaders badly, as late in a
         greedy run, this saves much: round 101 of the ResNet-20 run of benchmarks/bench_global
-        scored 103,681 image-ablations instead of 180,231 and took 22 s instead of 37 s; 0 turns
-        it off). Metrics that are not top-k counts
-        have no such bound: everything is scored (`self(...)`). The cost of all the runs is in
-        `last_cost`, what the search saved in `last_search`."""
+        scored 103,681 image-ablations instead of 180,231 and took 21 s instead of 36 s; 0 turns
+        it off). Metrics that are not top-k counts have no such bound: everything is scored
+        (`self(...)`). The cost of all the runs is in `last_cost`, what the search saved in
+        `last_search`."""
         from .unit_engine import ScoringCost, UnitCost, UnitScoring
 
         t_start = time.perf_counter()
