@@ -101,6 +101,7 @@ import torch
 from torch import nn
 
 import carprune as cp
+from carprune import fold
 from carprune import importance as imps
 from carprune.callbacks import Event
 from carprune.global_mode import rank_key
@@ -957,11 +958,16 @@ def part_e(b: Bench) -> None:
     t0 = time.perf_counter()
     vf = full(model, an, units)
     tf = time.perf_counter() - t0
-    # picks 1 and 3 as the run does them, then picks 1 without promotion (`CAR.search`)
-    for picks, promote in ((1, 3), (3, 3), (1, 0)):
+    # picks 1 and 3 as the run does them, then picks 1 without promotion (`CAR.search`), then
+    # picks 1 with torch's own NCHW convolutions in the tails (`fold.POINTWISE_FUSION`)
+    for picks, promote, onednn in ((1, 3, True), (3, 3, True), (1, 0, True), (1, 3, False)):
         car = cp.importance.CAR(score)
+        fold.POINTWISE_FUSION = onednn
         t0 = time.perf_counter()
-        vs = car.search(model, an, units, rank, picks=picks, promote=promote)
+        try:
+            vs = car.search(model, an, units, rank, picks=picks, promote=promote)
+        finally:
+            fold.POINTWISE_FUSION = True
         ts = time.perf_counter() - t0
         same = all(torch.equal(vs[u][~vs[u].isnan()], vf[u][~vs[u].isnan()]) for u in units)
         pick = [min(((rank(u, j, float(v[u][j])), u, j) for j in range(len(v[u]))
@@ -969,10 +975,12 @@ def part_e(b: Bench) -> None:
         best_f = sorted(p for p in pick[:len(units)] if p)[:picks]
         best_s = sorted(p for p in pick[len(units):] if p)[:picks]
         st = car.last_search
-        doc[picks if promote else f"{picks}-no-promotion"] = {
-            "search": st, "seconds": ts, "exact_values_equal": same,
-            "same_choice": best_f == best_s, "cost": asdict(car.last_cost)}
-        rows.append([picks, promote, f"{st['pairs']:,} / {st['full_pairs']:,}",
+        key = picks if promote and onednn else f"{picks}-no-promotion" if onednn else \
+            f"{picks}-torch-convs"
+        doc[key] = {"search": st, "seconds": ts, "exact_values_equal": same,
+                    "same_choice": best_f == best_s, "cost": asdict(car.last_cost)}
+        rows.append([picks, promote, "oneDNN fused" if onednn else "torch NCHW",
+                     f"{st['pairs']:,} / {st['full_pairs']:,}",
                      f"{st['pairs'] / st['full_pairs']:.3f}", f"{st['exact']} / {st['channels']}",
                      sec(ts), sec(tf), f"{tf / ts:.2f}x", best_f == best_s, same])
     # the same search (picks 1) split across 2 gloo ranks of 1 thread each (`ShardedCAR`)
@@ -987,7 +995,8 @@ def part_e(b: Bench) -> None:
         f"threads {torch.get_num_threads()}, load average {env['load_average']} -> {_load()}; "
         f"full scoring took {tf:.1f} s ({full.last_cost.gflops:.0f} GFLOP/s of tails, fp32 GEMM "
         f"{cp.cost.gemm_gflops():.0f} GFLOP/s).", "",
-        md_table(["picks", "promote", "image-ablations (search / full)", "fraction",
+        md_table(["picks", "promote", "convolutions", "image-ablations (search / full)",
+                  "fraction",
                   "channels scored to the end", "search (s)", "full (s)", "speed-up",
                   "same choice", "exact values equal"], rows),
         "", f"The search with picks 1 split across {shard['ranks']} processes of 1 thread "
@@ -1004,7 +1013,8 @@ def part_e(b: Bench) -> None:
 def _profile_search(model: nn.Module, an: Any, units: list[str], score: Any,
                     rank: Callable[..., Any]) -> tuple[dict[str, Any], list[str]]:
     """The picks-1 search once more under torch.profiler (no shapes: recording them slows the
-    ops themselves): self CPU time per op; and, from forward hooks on every nn.Conv2d, each
+    ops themselves): self CPU time per op; and, from forward hooks on every nn.Conv2d (the
+    oneDNN `fold.PointwiseConv` among them, its fused ReLU / add inside its time), each
     convolution shape's calls, rows per call (images x ablations), wall time and GFLOP/s (the
     hooks' clock, under the profiler: a slight overestimate of the time)."""
     from torch.profiler import ProfilerActivity, profile

@@ -44,7 +44,7 @@ from .data.batches import (
     pick_indices,
     resolve,
 )
-from .fold import fold_conv_bn
+from .fold import fold_conv_bn, fuse_conv_pointwise
 from .head import FusedHead, find_fused_head
 from .scores import LayerScores
 
@@ -224,6 +224,8 @@ class LayerScorer:
         fold_conv_bn(self.split.tail, self._fold_cache)
         # the standard ending after the fused consumer, evaluated inside the ablation kernel
         self.head: FusedHead | None = find_fused_head(self.split) if fused_head else None
+        if self.head is None:
+            fuse_conv_pointwise(self.split.tail)
         self.num_filters = self.cut.num_filters
         if self.fused is not None:
             conv = self.fused.conv

@@ -56,7 +56,7 @@ from .engine import (
     _SizeRecorder,
     parse_bytes,
 )
-from .fold import fold_conv_bn
+from .fold import fold_conv_bn, fuse_conv_pointwise
 from .io import read_json, write_json
 from .scores import LayerScores
 from .units import Site, Unit, UnitAnalysis, prunable_units
@@ -80,13 +80,18 @@ class _ZeroChannels(nn.Module):
                                                    dtype=torch.int64))
 
     def forward(self, v: torch.Tensor) -> torch.Tensor:
+        if v.shape[1] == self.width:   # in v's own memory format (channels_last stays so)
+            return v.index_fill(1, self.index, 0)
         n = v.shape[0]
         return v.reshape(n, self.width, -1).index_fill(1, self.index, 0).reshape(v.shape)
 
 
 def _mask_channels(v: torch.Tensor, drop: torch.Tensor) -> torch.Tensor:
-    """`v` ([R, C, ...], or [R, C * block]) with channel c of row r zeroed where drop[r, c]."""
+    """`v` ([R, C, ...], or [R, C * block]) with channel c of row r zeroed where drop[r, c]
+    (in v's own memory format)."""
     r, c = drop.shape
+    if v.shape[1] == c:
+        return v.masked_fill(drop.view(r, c, *([1] * (v.dim() - 2))), 0)
     return v.reshape(r, c, -1).masked_fill(drop.unsqueeze(-1), 0).reshape(v.shape)
 
 
@@ -230,7 +235,7 @@ def split_unit(gm: fx.GraphModule, sites: Sequence[Site], widths: Sequence[int],
         sub = fx.GraphModule(gm, g)
         sub.graph.eliminate_dead_code()
         sub.recompile()
-        return fold_conv_bn(sub, fold_cache)
+        return fuse_conv_pointwise(fold_conv_bn(sub, fold_cache))
 
     fold_conv_bn(prefix, fold_cache)
     tail, probe = tail_graph(False), tail_graph(True)
