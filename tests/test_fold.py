@@ -135,3 +135,24 @@ def test_engine_counts_with_and_without_the_rewrite(resnet20, cifar_test, monkey
     flips = sum(int((fused[k].counts - plain[k].counts).abs().sum()) for k in names)
     assert flips <= 0.001 * pairs
     assert all(torch.equal(fused[k].base_counts, plain[k].base_counts) for k in names)
+
+
+def test_reordered_weight_follows_in_place_changes(cifar_test):
+    """The oneDNN-layout copy of the weight is made once, and again when the weight changes in
+    place (a stale copy would keep the old filters); copies of the module re-order their own."""
+    torch.manual_seed(1)
+    m = nn.Sequential(nn.Conv2d(3, 5, 3, padding=1), nn.ReLU()).eval()
+    _, fused = _rewritten(m)
+    (conv,) = _modules(fused, PointwiseConv)
+    x, _ = cifar_test.batch(slice(0, 8))
+    with torch.no_grad():
+        before = fused(x)
+        conv.weight[2] = 0                     # in place, as a removal would
+        conv.bias[2] = -1.0
+        after = fused(x)
+        twin = copy.deepcopy(fused)
+        ref = torch.relu(nn.functional.conv2d(x.double(), conv.weight.double(),
+                                              conv.bias.double(), padding=1))
+    assert not torch.equal(before, after)
+    assert (after.double() - ref).abs().max().item() < 1e-5 * ref.abs().max().item()
+    assert (after[:, 2] == 0).all() and torch.equal(twin(x), after)

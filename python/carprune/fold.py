@@ -61,6 +61,7 @@ def fold_conv_bn(gm: fx.GraphModule, cache: dict[tuple[int, int], nn.Conv2d] | N
 # -- oneDNN convolutions with fused ReLU / residual add, in channels_last -----------------------
 # False: the engine's graphs keep torch's own convolutions (an A/B switch for measurements)
 POINTWISE_FUSION = True
+PREPACK = True
 
 
 def _pointwise_op() -> object | None:
@@ -99,6 +100,26 @@ class PointwiseConv(nn.Conv2d):
         self.bias = conv.bias
         self.add, self.relu = add, relu
         self._op = _pointwise_op()
+        self._packed: tuple[int, torch.Tensor] | None = None   # (weight version, oneDNN layout)
+
+    def __getstate__(self) -> dict:
+        state = dict(self.__dict__)   # copies re-order their own weight (oneDNN layouts don't copy)
+        state["_packed"] = None
+        return state
+
+    def _weight(self, x: torch.Tensor) -> torch.Tensor:
+        """The weight in the oneDNN layout its kernels read (re-ordered once, not per call;
+        again if the weight is changed in place)."""
+        if not PREPACK:
+            return self.weight
+        v = self.weight._version
+        if self._packed is None or self._packed[0] != v:
+            with torch.no_grad():
+                packed = torch.ops.mkldnn._reorder_convolution_weight(
+                    self.weight.detach(), list(self.padding), list(self.stride),
+                    list(self.dilation), self.groups, list(x.shape))
+            self._packed = (v, packed)
+        return self._packed[1]
 
     def _out_shape(self, x: torch.Tensor) -> tuple[int, ...]:
         hw = [(x.shape[2 + i] + 2 * self.padding[i] - self.dilation[i] * (self.kernel_size[i] - 1)
@@ -109,12 +130,12 @@ class PointwiseConv(nn.Conv2d):
         args = (list(self.padding), list(self.stride), list(self.dilation), self.groups)
         unary = "relu" if self.relu else None
         if other is None:
-            return self._op(_nhwc(x), self.weight, self.bias, *args, unary or "none", [], "")
+            return self._op(_nhwc(x), self._weight(x), self.bias, *args, unary or "none", [], "")
         if tuple(other.shape) != self._out_shape(x) or other.dtype != x.dtype:
             # a broadcast operand (never in the graphs rewritten so far): the plain ops
-            y = self._op(_nhwc(x), self.weight, self.bias, *args, "none", [], "") + other
+            y = self._op(_nhwc(x), self._weight(x), self.bias, *args, "none", [], "") + other
             return y.relu() if self.relu else y
-        return self._op.binary(_nhwc(x), _nhwc(other), self.weight, self.bias, *args, "add",
+        return self._op.binary(_nhwc(x), _nhwc(other), self._weight(x), self.bias, *args, "add",
                                None, unary, [], "")
 
 
