@@ -109,3 +109,26 @@ def mnist_test() -> cp.data.ImageArrayDataset:
     import carprune as cp
 
     return cp.data.mnist5k(MNIST, "test")
+
+
+def calibrated_torchvision(name: str, cifar_test: cp.data.ImageArrayDataset
+                           ) -> tuple[torch.nn.Module, torch.Tensor, torch.Tensor]:
+    """torchvision's `name`, random init (seeded), 10 classes, BatchNorm statistics of 256
+    CIFAR-10 images upsampled to 64x64; and 32 other such images with their labels (for the
+    tests marked `torchvision`)."""
+    import torch
+    import torch.nn.functional as F
+    import torchvision
+
+    torch.manual_seed(0)
+    model = torchvision.models.get_model(name, weights=None, num_classes=10)
+    for m in model.modules():
+        if isinstance(m, torch.nn.BatchNorm2d):
+            m.momentum = None
+            m.reset_running_stats()
+    x, _ = cifar_test.sample(256, seed=1).batch(slice(None))
+    model.train()
+    with torch.no_grad():
+        model(F.interpolate(x, size=64, mode="bilinear"))
+    x, y = cifar_test.sample(32, seed=7).batch(slice(None))
+    return model.eval(), F.interpolate(x, size=64, mode="bilinear"), y

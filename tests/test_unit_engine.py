@@ -15,6 +15,7 @@ import copy
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import calibrated_torchvision
 from torch import nn
 
 import carprune as cp
@@ -242,25 +243,6 @@ def test_describe_names_sites_and_path(resnet20, analysis, cifar_test):
 
 
 # -- torchvision: coupled units of other architectures ------------------------------------------
-def _calibrated(name: str, cifar_test) -> tuple[nn.Module, torch.Tensor, torch.Tensor]:
-    """torchvision's `name`, random init (seeded), 10 classes, BatchNorm statistics of 256
-    CIFAR-10 images upsampled to 64x64; and 32 other such images with their labels."""
-    import torchvision
-
-    torch.manual_seed(0)
-    model = torchvision.models.get_model(name, weights=None, num_classes=10)
-    for m in model.modules():
-        if isinstance(m, nn.BatchNorm2d):
-            m.momentum = None
-            m.reset_running_stats()
-    x, _ = cifar_test.sample(256, seed=1).batch(slice(None))
-    model.train()
-    with torch.no_grad():
-        model(F.interpolate(x, size=64, mode="bilinear"))
-    x, y = cifar_test.sample(32, seed=7).batch(slice(None))
-    return model.eval(), F.interpolate(x, size=64, mode="bilinear"), y
-
-
 @pytest.mark.torchvision
 @pytest.mark.parametrize("name, unit, channels, sites", [
     # an inverted-residual stream: projection BN output and two residual adds
@@ -274,7 +256,7 @@ def _calibrated(name: str, cifar_test) -> tuple[nn.Module, torch.Tensor, torch.T
     ("efficientnet_b0", "features.2.0.block.3.0", [0, 23], 2),
 ])
 def test_torchvision_units_exact_in_float64(cifar_test, name, unit, channels, sites):
-    model, x, y = _calibrated(name, cifar_test)
+    model, x, y = calibrated_torchvision(name, cifar_test)
     analysis = U.prunable_units(model, x[:1])
     u = analysis.unit(unit)
     assert len(u.mask) == sites

@@ -9,8 +9,6 @@ engine's own copies (prefix and tail GraphModules) are changed, never the user's
 
 from __future__ import annotations
 
-import operator
-
 import torch
 from torch import fx, nn
 from torch.nn.utils.fusion import fuse_conv_bn_eval
@@ -61,7 +59,6 @@ def fold_conv_bn(gm: fx.GraphModule, cache: dict[tuple[int, int], nn.Conv2d] | N
 # -- oneDNN convolutions with fused ReLU / residual add, in channels_last -----------------------
 # False: the engine's graphs keep torch's own convolutions (an A/B switch for measurements)
 POINTWISE_FUSION = True
-PREPACK = True
 
 
 def _pointwise_op() -> object | None:
@@ -110,8 +107,6 @@ class PointwiseConv(nn.Conv2d):
     def _weight(self, x: torch.Tensor) -> torch.Tensor:
         """The weight in the oneDNN layout its kernels read (re-ordered once, not per call;
         again if the weight is changed in place)."""
-        if not PREPACK:
-            return self.weight
         v = self.weight._version
         if self._packed is None or self._packed[0] != v:
             with torch.no_grad():
@@ -139,12 +134,6 @@ class PointwiseConv(nn.Conv2d):
                                None, unary, [], "")
 
 
-def _is_add(node: fx.Node) -> bool:
-    if node.op == "call_function":
-        return node.target in (operator.add, operator.iadd, torch.add) and not node.kwargs
-    return node.op == "call_method" and node.target in ("add", "add_") and not node.kwargs
-
-
 def fuse_conv_pointwise(gm: fx.GraphModule) -> fx.GraphModule:
     """Run every float32 CPU `nn.Conv2d` of `gm` as a `PointwiseConv` in channels_last, taking in
     a ReLU that is its only user, or an add of it and another tensor that is its only user (and
@@ -153,14 +142,16 @@ def fuse_conv_pointwise(gm: fx.GraphModule) -> fx.GraphModule:
 
     Left unchanged (returned as is): graphs with a `.view()` call (a view of a channels_last
     map can fail where the NCHW one works; `flatten` and `reshape` are fine), graphs on another
-    device or dtype, and torch builds without oneDNN. oneDNN is 1.1-3x faster than torch's
-    NCHW convolutions at the shapes of pruned CIFAR ResNets (odd widths most)."""
+    device or dtype, and torch builds without oneDNN. Measured on ResNet-20 (2 threads): scoring
+    all units 1.07-1.10x faster than with torch's NCHW convolutions, 1.19-1.28x once pruned to
+    odd widths; the exact search 1.11-1.14x (benchmarks/bench_global.py part e)."""
     if not POINTWISE_FUSION or _pointwise_op() is None:
         return gm
     nodes = list(gm.graph.nodes)
     if any(n.op == "call_method" and n.target == "view" for n in nodes):
         return gm
-    changed, erased = False, set()
+    fused = 0
+    erased: set[fx.Node] = set()
     for node in nodes:
         if node.op != "call_module" or node in erased:
             continue
@@ -172,17 +163,15 @@ def fuse_conv_pointwise(gm: fx.GraphModule) -> fx.GraphModule:
         chain, other, relu = [node], None, False
         if len(node.users) == 1:
             (u,) = node.users
-            if _is_add(u) and len(u.args) == 2 and u.args.count(node) == 1:
-                o = u.args[1 - u.args.index(node)]
-                if isinstance(o, fx.Node):
-                    other = o
-                    chain.append(u)
+            other = opsem.added_operand(u, node)
+            if other is not None:
+                chain.append(u)
         if len(chain[-1].users) == 1:
             (u,) = chain[-1].users
             if opsem.is_relu(gm, u, chain[-1]):
                 relu = True
                 chain.append(u)
-        name = f"{node.target.replace('.', '_')}__onednn{len(erased)}"
+        name = f"{node.target.replace('.', '_')}__onednn{fused}"
         gm.add_submodule(name, PointwiseConv(conv, add=other is not None, relu=relu))
         with gm.graph.inserting_before(chain[-1]):
             new = gm.graph.call_module(name, tuple(node.args) + (() if other is None
@@ -191,8 +180,8 @@ def fuse_conv_pointwise(gm: fx.GraphModule) -> fx.GraphModule:
         for n in reversed(chain):
             gm.graph.erase_node(n)
         erased.update(chain)
-        changed = True
-    if not changed:
+        fused += 1
+    if not fused:
         return gm
     for ph in [n for n in gm.graph.nodes if n.op == "placeholder"]:
         with gm.graph.inserting_after(ph):

@@ -11,14 +11,13 @@ spelling the model's forward() uses; any other tail keeps the generic path.
 
 from __future__ import annotations
 
-import operator
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import fx, nn
 
-from . import _ops
+from . import _ops, opsem
 from .graph import FusedConsumer, Split
 
 # Modules that are the identity in eval mode (graph.trace puts the model in eval mode).
@@ -70,17 +69,6 @@ def _is_relu(gm: fx.GraphModule, n: fx.Node, x: fx.Node) -> bool:
         return _arg(n, 1, "inplace", False) is False and _only_kwargs(n, {"inplace"}) \
             and len(n.args) <= 2
     return n.op == "call_method" and n.target == "relu" and len(n.args) == 1 and not n.kwargs
-
-
-def _added(n: fx.Node, x: fx.Node) -> fx.Node | None:
-    """The other operand if `n` is x + other (operator, torch.add or Tensor.add without alpha)."""
-    plain = (n.op == "call_function" and n.target in (operator.add, torch.add)) or \
-        (n.op == "call_method" and n.target == "add")
-    if not plain or len(n.args) != 2 or n.kwargs:
-        return None
-    a, b = n.args
-    other = b if a is x else a if b is x else None
-    return other if isinstance(other, fx.Node) and other is not x else None
 
 
 def _is_one(size: object) -> bool:
@@ -182,7 +170,7 @@ def find_fused_head(split: Split) -> FusedHead | None:
     if nxt is None:
         return None
     residual = None
-    other = _added(nxt, x)
+    other = opsem.added_operand(nxt, x)
     if other is not None:
         # the shortcut must be a cached tensor that no ablation changes: a tail input other
         # than the consumer's output and the cut activation itself

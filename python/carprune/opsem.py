@@ -292,6 +292,18 @@ def is_elementwise_binary(node: fx.Node) -> bool:
     return ok and len(node.args) == 2 and not {k for k in node.kwargs if k != "alpha"}
 
 
+def added_operand(n: fx.Node, x: fx.Node) -> fx.Node | None:
+    """The other operand if `n` is exactly x + other, out of place (operator.add, torch.add or
+    Tensor.add, no alpha), other a tensor node that is not x itself; else None."""
+    plain = (n.op == "call_function" and n.target in (operator.add, torch.add)) or \
+        (n.op == "call_method" and n.target == "add")
+    if not plain or len(n.args) != 2 or n.kwargs:
+        return None
+    a, b = n.args
+    other = b if a is x else a if b is x else None
+    return other if isinstance(other, fx.Node) and other is not x else None
+
+
 def concat_dim(node: fx.Node) -> int | None:
     """The dim of a torch.cat node, or None if `node` is not a concatenation."""
     if node.op != "call_function":
