@@ -959,9 +959,12 @@ def part_e(b: Bench) -> None:
     vf = full(model, an, units)
     tf = time.perf_counter() - t0
     # picks 1 and 3 as the run does them, then picks 1 without promotion (`CAR.search`), then
-    # picks 1 with torch's own NCHW convolutions in the tails (`fold.POINTWISE_FUSION`)
-    for picks, promote, onednn in ((1, 3, True), (3, 3, True), (1, 0, True), (1, 3, False)):
-        car = cp.importance.CAR(score)
+    # picks 1 with torch's own NCHW convolutions in the tails (`fold.POINTWISE_FUSION`), then
+    # picks 1 through the bfloat16 screen (`carprune.screen`)
+    for picks, promote, onednn, scr in ((1, 3, True, None), (3, 3, True, None),
+                                        (1, 0, True, None), (1, 3, False, None),
+                                        (1, 3, True, "bf16")):
+        car = cp.importance.CAR(score, **({"screen": scr} if scr else {}))
         fold.POINTWISE_FUSION = onednn
         t0 = time.perf_counter()
         try:
@@ -975,11 +978,12 @@ def part_e(b: Bench) -> None:
         best_f = sorted(p for p in pick[:len(units)] if p)[:picks]
         best_s = sorted(p for p in pick[len(units):] if p)[:picks]
         st = car.last_search
-        key = picks if promote and onednn else f"{picks}-no-promotion" if onednn else \
-            f"{picks}-torch-convs"
+        key = f"{picks}-{scr}" if scr else picks if promote and onednn else \
+            f"{picks}-no-promotion" if onednn else f"{picks}-torch-convs"
         doc[key] = {"search": st, "seconds": ts, "exact_values_equal": same,
                     "same_choice": best_f == best_s, "cost": asdict(car.last_cost)}
-        rows.append([picks, promote, "oneDNN fused" if onednn else "torch NCHW",
+        rows.append([picks, promote, f"oneDNN fused, {scr} screen" if scr else
+                     "oneDNN fused" if onednn else "torch NCHW",
                      f"{st['pairs']:,} / {st['full_pairs']:,}",
                      f"{st['pairs'] / st['full_pairs']:.3f}", f"{st['exact']} / {st['channels']}",
                      sec(ts), sec(tf), f"{tf / ts:.2f}x", best_f == best_s, same])

@@ -499,3 +499,16 @@ def test_help_lists_the_choices(capsys):
         assert cli.main([cmd, "--help"]) == 0
         text = " ".join(capsys.readouterr().out.split())
         assert f"(one of: {', '.join(choices)})" in text, (cmd, flag)
+
+
+@pytest.mark.skipif(not torch.ops.mkldnn._is_mkldnn_bf16_supported(),
+                    reason="this CPU has no bfloat16 instructions (the screen refuses to run)")
+def test_score_through_the_bf16_screen(tmp_path, lenet_weights, mnist_npz, lenet):
+    out = tmp_path / "s"
+    args = ["score", *lenet_args(lenet_weights, mnist_npz, out, "--layer", "conv1",
+                                 "--num-images", "300", "--screen", "bf16")]
+    assert cli.main(args) == 0
+    assert json.loads((out / "scores.json").read_text())["settings"]["screen"] == "bf16"
+    data = specs.load_data(mnist_npz, "test", mean=[0], std=[1])
+    ref = cp.score_layer(lenet, "conv1", data, num_images=300, progress=False)
+    assert torch.equal(cp.LayerScores.load(out / "scores.npz").counts, ref.counts)

@@ -95,6 +95,8 @@ class GlobalRound:
     tail_seconds: float = 0.0
     ablations_full: int = 0         # what scoring every candidate on every image would have been
                                     # (more than image_ablations when the exact search ran)
+    screened: int = 0               # tail rows through the bfloat16 screen (`carprune.screen`)
+    rechecked: int = 0              # of which computed again in float32 (in doubt, or audited)
 
     @property
     def accuracy(self) -> float:
@@ -223,6 +225,7 @@ def compress_global(
     seed: int = 0,
     metric: str | metrics.Metric | metrics.PerSample | None = None,
     bins: int | Sequence[float] | None = None,
+    screen: str | None = None,
     callbacks: Callbacks | None = None,
 ) -> GlobalCompressionResult:
     """Remove unit channels across the network until its FLOPs are at most `flops_target` x
@@ -243,7 +246,9 @@ def compress_global(
     CAR ranks by and what the trajectory tracks. `search`: a criterion with a `search` method
     (CAR on a top-k metric) scores only what can change the round's choice, with an exact bound
     (`importance.CAR.search`): the same choices as scoring every channel, fewer image-ablations;
-    False scores every channel on every image.
+    False scores every channel on every image. `screen='bf16'` (criterion 'car' only): CAR's
+    tails run in bfloat16 and again in float32 where a verdict is in doubt (`carprune.screen`:
+    faster on CPUs with AMX; a measured bound, not an exact one, so off by default).
     """
     if flops_target is None and max_drop is None:
         raise ValueError("compress_global needs flops_target (a fraction of the FLOPs in (0, 1)) "
@@ -263,8 +268,12 @@ def compress_global(
     x = example_input[:1]
     analysis = prunable_units(model, x)
     names = _resolve_units(analysis, layers)
+    if screen is not None and criterion != "car":
+        raise ValueError(f"screen={screen!r} screens CAR's scoring; criterion is {criterion!r} "
+                         "(pass screen to the importance object you built, or criterion='car')")
+    extra = {"screen": screen} if screen is not None else {}
     imp = get_importance(criterion, score_data, seed=seed, num_images=score_images,
-                         memory_budget=memory_budget, metric=metric, bins=bins)
+                         memory_budget=memory_budget, metric=metric, bins=bins, **extra)
     per_round = per_round or 1
     metric_name = metrics.get_metric(metric).name
     higher = metrics.get_metric(metric).higher_is_better
@@ -273,7 +282,7 @@ def compress_global(
               "per_round": per_round, "cost_aware": cost_aware, "min_channels": min_channels,
               "seed": seed,
               "metric": metric_name, "bins": bins if not hasattr(bins, "__len__") else list(bins),
-              "input_shape": list(x.shape[1:])}
+              "input_shape": list(x.shape[1:]), **extra}
     fp = fingerprint(config)
     base_flops, _ = analysis.cost()
     base_params = analysis.total_params()
@@ -382,7 +391,9 @@ def compress_global(
                           float(cost.tail_flops) if cost else 0.0,
                           float(cost.tail_seconds) if cost else 0.0,
                           searched.get("full_pairs", sum(c.pairs for c in cost.units))
-                          if cost else 0)
+                          if cost else 0,
+                          sum(c.screened for c in cost.units) if cost else 0,
+                          sum(c.rechecked for c in cost.units) if cost else 0)
         trajectory.append(rnd)
         if ckpt is not None:
             write_json(ckpt, {"fingerprint": fp, "config": config,

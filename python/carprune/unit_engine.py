@@ -271,7 +271,8 @@ class UnitScorer(LayerScorer):
     or a `Unit`. `removed`: {unit name: channels} already removed in the network (other units
     are zeroed at their sites for good; the unit's own channels as `remove` does). `fused`:
     let a plain filter unit take the layer's fused kernels (else every unit takes the masked
-    tail). `zero_skip`: the exact zero-activation savings. Everything else as `LayerScorer`;
+    tail). `zero_skip`: the exact zero-activation savings. `screen`: the bfloat16 tail screen
+    (`carprune.screen`, off by default). Everything else as `LayerScorer`;
     `score()` returns `LayerScores` with `layer` = the unit's name and `filters` = its channel
     indices; `path` is 'head' / 'fused' (the layer's kernels) or 'masked'.
     """
@@ -298,13 +299,14 @@ class UnitScorer(LayerScorer):
         classes: Sequence[str] | None = None,
         metric: str | metrics.Metric | metrics.PerSample | None = None,
         bins: int | Sequence[float] | None = None,
+        screen: str | None = None,
         _graph: fx.GraphModule | None = None,
         _fold_cache: dict | None = None,
     ) -> None:
         self._init_run(model, data, num_images=num_images, seed=seed,
                        memory_budget=memory_budget, device=device, dtype=dtype, topk=topk,
                        progress=progress, classes=classes, metric=metric, bins=bins,
-                       zero_skip=zero_skip)
+                       zero_skip=zero_skip, screen=screen)
         if _fold_cache is not None:
             self._fold_cache = _fold_cache
         if analysis is None:
@@ -490,7 +492,9 @@ class UnitCost:
     """What scoring one unit cost. `pairs`: (image, ablation) pairs scored; `pairs_run`: of
     those, evaluated (the rest were all-zero channels); `tail_macs`: multiply-accumulates per
     pair of every conv/linear layer downstream of the sites; `run_macs`: what the unit's path
-    computes per pair (see `UnitScorer.tail_macs`); `seconds`: tails and chunk set-up."""
+    computes per pair (see `UnitScorer.tail_macs`); `seconds`: tails and chunk set-up;
+    `screened` / `rechecked`: rows run through the bfloat16 screen, and of those (or audited)
+    computed again in float32 (`carprune.screen`; 0 when it is off)."""
 
     unit: str
     path: str
@@ -500,6 +504,8 @@ class UnitCost:
     tail_macs: int
     run_macs: int
     seconds: float
+    screened: int = 0
+    rechecked: int = 0
 
     def add(self, other: UnitCost, *, same_channels: bool) -> None:
         """Adds `other`'s work on the same unit: pairs, pairs run and seconds. `same_channels`:
@@ -508,6 +514,8 @@ class UnitCost:
         self.pairs += other.pairs
         self.pairs_run += other.pairs_run
         self.seconds += other.seconds
+        self.screened += other.screened
+        self.rechecked += other.rechecked
         self.channels = (max(self.channels, other.channels) if same_channels
                          else self.channels + other.channels)
 
@@ -555,6 +563,11 @@ class ScoringCost:
                  f"({100 * (pairs - run) / max(1, pairs):.1f} % all-zero, skipped); tails "
                  f"{self.tail_flops / 1e9:.2f} GFLOP at {self.gflops:.1f} GFLOP/s = "
                  f"{100 * self.gflops / gemm_gflops:.0f} % of {gemm_gflops:.0f} GFLOP/s fp32 GEMM"]
+        screened = sum(u.screened for u in self.units)
+        if screened:
+            again = sum(u.rechecked for u in self.units)
+            lines.append(f"bfloat16 screen: {screened:,} rows, {again:,} computed again in "
+                         f"float32 ({100 * again / screened:.1f} %)")
         for u in self.units:
             lines.append(f"  {u.unit} [{u.path}]: {u.channels} channels, {u.pairs:,} pairs "
                          f"({u.pairs_run:,} run) x {u.run_macs:,} MACs (dense tail "
@@ -631,6 +644,7 @@ def score_units(
     fused_head: bool = True,
     zero_skip: bool = True,
     rows: int | None = None,
+    screen: str | None = None,
     progress: bool = False,
     callbacks: Callbacks | None = None,
 ) -> UnitScores:
@@ -645,14 +659,16 @@ def score_units(
     tails run on it. The result maps unit names to `LayerScores` and carries `cost`
     (`ScoringCost`: pairs x tail MACs and seconds per unit, for the GEMM-throughput ratio).
     `callbacks.on_event` hears of every chunk (algorithm "score-units"). `UnitScoring` is the
-    same work split into calls on chosen images and channels.
+    same work split into calls on chosen images and channels. `screen='bf16'`: tails run in
+    bfloat16, and again in float32 where a row's verdict is in doubt (`carprune.screen`: a
+    measured bound, not an exact one; off by default).
     """
     t_start = time.perf_counter()
     scoring = UnitScoring(model, data, units, analysis=analysis, removed=removed,
                           num_images=num_images, seed=seed, memory_budget=memory_budget,
                           device=device, dtype=dtype, topk=topk, metric=metric, bins=bins,
                           classes=classes, fused=fused, fused_head=fused_head,
-                          zero_skip=zero_skip, rows=rows)
+                          zero_skip=zero_skip, rows=rows, screen=screen)
     return scoring.run(progress=progress, callbacks=callbacks, _since=t_start)
 
 
@@ -674,7 +690,8 @@ class UnitScoring:
                  topk: int = 1, metric: str | metrics.Metric | metrics.PerSample | None = None,
                  bins: int | Sequence[float] | None = None,
                  classes: Sequence[str] | None = None, fused: bool = True,
-                 fused_head: bool = True, zero_skip: bool = True, rows: int | None = None) -> None:
+                 fused_head: bool = True, zero_skip: bool = True, rows: int | None = None,
+                 screen: str | None = None) -> None:
         t0 = time.perf_counter()
         data = resolve(data)
         if analysis is None:
@@ -693,7 +710,7 @@ class UnitScoring:
         common = dict(num_images=num_images, seed=seed, memory_budget=memory_budget, device=dev,
                       dtype=dtype, topk=topk, metric=metric, bins=bins, classes=classes,
                       fused=fused, fused_head=fused_head, zero_skip=zero_skip, rows=rows,
-                      progress=False)
+                      screen=screen, progress=False)
         fold_cache: dict = {}
         self.scorers = {name: UnitScorer(model, name, data, analysis=analysis, removed=rem,
                                          _graph=base, _fold_cache=fold_cache, **common)
@@ -773,7 +790,7 @@ class UnitScoring:
         before = []
         for s, filt in todo:
             s._base = None   # the unablated counts of THESE images
-            before.append((s.pairs, s.pairs_run))
+            before.append((s.pairs, s.pairs_run, _screen_counts(s)))
             runs.append(s._score_begin(filt))
         seconds = [0.0] * len(todo)
         prefix_seconds = 0.0
@@ -805,17 +822,25 @@ class UnitScoring:
         bar.close()
         out = {s.unit.name: s._score_end(run) for (s, _), run in zip(todo, runs, strict=True)}
         costs = []
-        for (s, _), sec, (p0, r0) in zip(todo, seconds, before, strict=True):
+        for (s, _), sec, (p0, r0, (q0, c0)) in zip(todo, seconds, before, strict=True):
             dense, run_macs = s.tail_macs(self.report)
+            q1, c1 = _screen_counts(s)
             costs.append(UnitCost(unit=s.unit.name, path=s.path,
                                   channels=len(out[s.unit.name].filters), pairs=s.pairs - p0,
                                   pairs_run=s.pairs_run - r0, tail_macs=dense,
-                                  run_macs=run_macs, seconds=sec))
+                                  run_macs=run_macs, seconds=sec, screened=q1 - q0,
+                                  rechecked=c1 - c0))
         cost = ScoringCost(images=len(idx), prefix_macs=self.prefix_macs,
                            prefix_seconds=prefix_seconds,
                            seconds=time.perf_counter() - t_start,
                            threads=torch.get_num_threads(), units=costs)
         return UnitScores(out, cost)
+
+
+def _screen_counts(scorer: UnitScorer) -> tuple[int, int]:
+    """(rows screened, rows computed in float32 again or audited) by `scorer` so far."""
+    st = scorer.screen.stats if scorer.screen is not None else None
+    return (st.rows, st.rechecked + st.audited) if st is not None else (0, 0)
 
 
 def _z_probe(scorer: UnitScorer, live1: Sequence[torch.Tensor], wanted: list[str]

@@ -43,6 +43,9 @@ def options() -> list[Option]:
             Option("removed", "ints", None, "filters to treat as already removed"),
             Option("topk", "int", 1, "a prediction counts as correct if the label is in the top k "
                    "(when --metric is not given)"),
+            Option("screen", "str", None, "run the tails in bfloat16 and again in float32 where a "
+                   "verdict is in doubt (faster on CPUs with AMX; a measured bound, not an exact "
+                   "one: see carprune.screen)", choices=("bf16",)),
         ]
 
 
@@ -55,6 +58,7 @@ class Settings(common.ScoringSettings, common.DataSettings, common.ModelSettings
     filters: tuple[int, ...] | None
     removed: tuple[int, ...] | None
     topk: int
+    screen: str | None
 
     def fingerprint_basis(self) -> dict[str, Any]:
         """What determines a layer's scores: a rerun with the same basis resumes."""
@@ -64,6 +68,8 @@ class Settings(common.ScoringSettings, common.DataSettings, common.ModelSettings
                                                "dtype")}
         if self.metric is not None:   # (runs without --metric keep their fingerprints)
             basis["metric"] = self.metric
+        if self.screen is not None:
+            basis["screen"] = self.screen
         basis["weights"] = file_identity(self.weights)
         basis["data"] = file_identity(self.data)
         return basis
@@ -100,7 +106,7 @@ def run(settings: Mapping[str, Any], ctx: distributed.Context, run: common.Run, 
             scorer = distributed.ShardedScorer(
                 model, layer, data, ctx=ctx, num_images=s.num_images, seed=s.seed,
                 memory_budget=s.memory_budget, device=ctx.device, dtype=s.torch_dtype, topk=s.topk,
-                metric=s.metric, progress=mode == "bar" and ctx.is_main)
+                metric=s.metric, screen=s.screen, progress=mode == "bar" and ctx.is_main)
         except CutError as exc:
             if not every:
                 raise
