@@ -53,6 +53,7 @@ LAYERS = {
     "carprune.engine": CORE,
     "carprune.metrics": CORE,
     "carprune.scores": CORE,
+    "carprune.screen": CORE,
     "carprune.surgery": CORE,
     "carprune.criteria": CORE,
     "carprune.importance": CORE,  # criterion objects ranking unit channels (CAR among them)

@@ -84,6 +84,32 @@ def test_ablate_conv_matches_masked_conv(case, relu, device):
     torch.testing.assert_close(out32.double().cpu(), ref, rtol=1e-4, atol=1e-4)
 
 
+@pytest.mark.parametrize("case", CASES)
+def test_ablate_conv_channels_last_z(case, device):
+    """A channels_last z gives (on CPU) a channels_last output with the identical values of the
+    contiguous one (the same sums in the same order); CUDA returns its contiguous output."""
+    B, C, Fo, H, W, k, stride, padding, dilation = case
+    g = torch.Generator().manual_seed(hash(case) % 2**31 + 1)
+    a = torch.randn(B, C, H, W, generator=g)
+    w = torch.randn(Fo, C, *k, generator=g)
+    scale, shift = torch.rand(Fo, generator=g) + 0.5, torch.randn(Fo, generator=g)
+    channels = torch.tensor([C - 1, 0, C // 2], dtype=torch.int64)
+    z = F.conv2d(a, w, None, stride, padding, dilation)
+    a, w, z, scale, shift, channels = _to(device, a, w, z, scale, shift, channels)
+    plain = cp.ablate_conv(a, w, z, scale, shift, channels, stride, padding, dilation, True)
+    zl = z.contiguous(memory_format=torch.channels_last)
+    out = cp.ablate_conv(a, w, zl, scale, shift, channels, stride, padding, dilation, True)
+    assert torch.equal(out, plain)
+    nhwc = device.type == "cpu" and not zl.is_contiguous()
+    rows = out.view(-1, *out.shape[2:])
+    assert rows.is_contiguous(memory_format=torch.channels_last) == (nhwc or rows.is_contiguous())
+    assert out.is_contiguous() != nhwc
+    if nhwc:
+        torch.library.opcheck(torch.ops.carprune.ablate_conv.default,
+                              (a, w, zl, scale, shift, channels, list(stride), list(padding),
+                               list(dilation), True))
+
+
 def test_ablate_conv_noncontiguous_inputs(device):
     g = torch.Generator().manual_seed(1)
     # made on the device, then sliced: .to() would make a non-dense tensor contiguous

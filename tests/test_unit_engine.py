@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import copy
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -20,7 +21,7 @@ from torch import nn
 
 import carprune as cp
 from carprune import units as U
-from carprune.unit_engine import UnitScorer, UnitScores, score_units
+from carprune.unit_engine import UnitScorer, UnitScores, UnitScoring, _mask_channels, score_units
 
 
 def reference(model, x, y, unit, channels, removed=None, k=10):
@@ -201,6 +202,47 @@ def test_score_units_float32_chunked_equals_one_chunk(resnet20, analysis, cifar_
     for n in names:
         assert torch.equal(a[n].counts, b[n].counts) and torch.equal(a[n].base_counts,
                                                                      b[n].base_counts)
+
+
+def test_kept_prefix_gives_the_counts_of_fresh_runs(resnet20, analysis, cifar_test):
+    """`UnitScoring.keep`: runs on stretches of the kept order read views of one prefix pass
+    and keep each unit's chunk (float32, channels_last tails) and give the counts of runs that
+    compute everything afresh; other image sets still work; too small a budget keeps nothing."""
+    names = ["conv1", "layer1.0.conv1", "layer2.0.conv2", "layer3.2.conv1"]
+    removed = {"conv1": [5], "layer1.0.conv1": [3], "layer2.1.conv1": [0, 9]}
+    kw = dict(analysis=analysis, num_images=150, removed=removed)
+    sc = UnitScoring(resnet20, cifar_test, names, **kw)
+    fresh = UnitScoring(resnet20, cifar_test, names, **kw)
+    order = np.random.default_rng(0).permutation(sc.indices)
+    assert sc.keep(order) > 0
+    nhwc = {n: v.is_contiguous(memory_format=torch.channels_last) and not v.is_contiguous()
+            for n, v in sc._kept.values.items()}
+    fused_in = {s.split.live[0] for s in sc.scorers.values() if s.fused is not None}
+    assert fused_in and not any(nhwc[n] for n in fused_in) and any(nhwc.values())
+    chans = {"conv1": [0, 7], "layer1.0.conv1": [1, 15], "layer2.0.conv2": [4],
+             "layer3.2.conv1": [2, 63]}
+    blocks = [order[:40], order[40:110], order[110:], order[::3]]   # the last is no stretch
+    for k, block in enumerate(blocks):
+        got, ref = sc.run(block, chans), fresh.run(block, chans)
+        for n in names:
+            assert torch.equal(got[n].counts, ref[n].counts), (k, n)
+            assert torch.equal(got[n].base_counts, ref[n].base_counts), (k, n)
+        if k < 3:
+            assert got.cost.prefix_seconds < ref.cost.prefix_seconds
+    assert set(sc._kept.chunks) == set(names)
+    # the unablated outputs found by the runs are kept for later ones (zero-skip)
+    assert bool(sc._kept.chunks["conv1"].known.all())
+    small = UnitScoring(resnet20, cifar_test, names, **{**kw, "memory_budget": "8MiB"})
+    assert small.keep(order) == 0.0 and small._kept is None
+    # the channel masks inside the tails keep channels_last, and zero what masked_fill zeroes
+    v = torch.randn(6, 16, 5, 5).contiguous(memory_format=torch.channels_last)
+    v[0, 3, 0, 0] = float("nan")
+    drop = torch.zeros(6, 16, dtype=torch.bool)
+    drop[:, 3] = True
+    drop[2, 7] = True
+    got = _mask_channels(v, drop)
+    assert got.is_contiguous(memory_format=torch.channels_last)
+    assert torch.equal(got, v.masked_fill(drop.view(6, 16, 1, 1), 0))
 
 
 def test_bad_input_errors(resnet20, analysis, cifar_test):

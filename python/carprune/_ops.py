@@ -27,7 +27,17 @@ def _ablate_conv_fake(a, weight, z, scale, shift, channels, stride, padding, dil
     torch._check(a.dim() == 4 and weight.dim() == 4, lambda: "a and weight must be 4-D")
     ho = _conv_out(a.shape[2], weight.shape[2], stride[0], padding[0], dilation[0])
     wo = _conv_out(a.shape[3], weight.shape[3], stride[1], padding[1], dilation[1])
-    return a.new_empty((channels.shape[0], a.shape[0], weight.shape[0], ho, wo))
+    m, b, f = channels.shape[0], a.shape[0], weight.shape[0]
+    if _nhwc_output(z):   # the CPU kernel's channels_last output: [m, B, Ho, Wo, F] in memory
+        return a.new_empty((m, b, ho, wo, f)).permute(0, 1, 4, 2, 3)
+    return a.new_empty((m, b, f, ho, wo))
+
+
+def _nhwc_output(z: torch.Tensor) -> bool:
+    """Whether ablate_conv writes its output in channels_last: on CPU, when z is channels_last
+    (and not also plain contiguous, as a 1x1 plane is)."""
+    return (z.device.type == "cpu" and z.dim() == 4 and not z.is_contiguous()
+            and z.is_contiguous(memory_format=torch.channels_last))
 
 
 @torch.library.register_fake("carprune::ablate_conv_head")
@@ -60,7 +70,10 @@ def ablate_conv(
     """``[m, B, F, Ho, Wo]``: act(scale * (z - conv(a[:, s], weight[:, s])) + shift) per channel s.
 
     ``z = conv(a, weight) (+ bias)`` is the consumer's full pre-activation, computed once; each
-    ablation then costs one single-channel conv instead of a full one.
+    ablation then costs one single-channel conv instead of a full one. On CPU, a channels_last
+    ``z`` gives a channels_last output (``[m, B, Ho, Wo, F]`` in memory, so that
+    ``out.view(m * B, F, Ho, Wo)`` is channels_last, as oneDNN convolutions read it), with the
+    same values; otherwise the output is contiguous.
     """
     return torch.ops.carprune.ablate_conv(
         a, weight, z, scale, shift, channels, list(stride), list(padding), list(dilation), relu

@@ -44,7 +44,7 @@ from .data.batches import (
     pick_indices,
     resolve,
 )
-from .fold import fold_conv_bn, fuse_conv_pointwise
+from .fold import channels_last_tails, fold_conv_bn, fuse_conv_pointwise
 from .head import FusedHead, find_fused_head
 from .scores import LayerScores
 from .screen import Screen, check_screen
@@ -120,6 +120,20 @@ class _Chunk:
     alive: torch.Tensor | None = None    # bool [B, channels]
     base_out: torch.Tensor | None = None  # [B, K]
     known: torch.Tensor | None = None    # bool [B]
+    # a chunk of views into images offset.. of `parent` (`UnitScoring.keep`): the unablated
+    # outputs it finds are stored in the parent's base_out
+    parent: _Chunk | None = None
+    offset: int = 0
+
+    def base_store(self, like: torch.Tensor) -> torch.Tensor:
+        """`base_out`, allocated like `like` ([rows, K]) on first use (in the parent)."""
+        if self.base_out is None:
+            if self.parent is not None:
+                n = self.labels.shape[0]
+                self.base_out = self.parent.base_store(like)[self.offset:self.offset + n]
+            else:
+                self.base_out = like.new_empty((self.labels.shape[0], like.shape[1]))
+        return self.base_out
 
 
 @dataclass
@@ -324,17 +338,24 @@ class LayerScorer:
         z = None
         if self.fused is not None:
             c = self.fused.conv
-            z = F.conv2d(a, self._w, self._b, c.stride, c.padding, c.dilation).contiguous()
+            # channels_last when a oneDNN tail reads the ablated output (`_ops.ablate_conv`
+            # writes that layout from a channels_last z)
+            fmt = torch.channels_last if self.head is None and channels_last_tails(
+                self.device, self.dtype) else torch.contiguous_format
+            z = F.conv2d(a, self._w, self._b, c.stride, c.padding, c.dilation).contiguous(
+                memory_format=fmt)
         alive = None
         if self.zero_skip and self.head is None:
             alive = _nonzero_channels(a)
         return _Chunk(labels=labels, a=a.contiguous(), z=z, others=others, alive=alive)
 
-    def _prefix_values(self, prefix: fx.GraphModule, idx: np.ndarray, rows: int | None = None
-                       ) -> tuple[list[torch.Tensor], torch.Tensor]:
+    def _prefix_values(self, prefix: fx.GraphModule, idx: np.ndarray, rows: int | None = None,
+                       channels_last: Sequence[bool] = ()) -> tuple[list[torch.Tensor],
+                                                                    torch.Tensor]:
         """`prefix` (a graph returning a tuple of tensors) over images `idx`, in calls of `rows`
         (default `prefix_rows`) written straight into chunk-sized tensors (no list of parts and
-        no concatenation holding the chunk twice); with the images' labels."""
+        no concatenation holding the chunk twice; the k-th in channels_last if 4-D and
+        channels_last[k]); with the images' labels."""
         live: list[torch.Tensor] = []
         labels = []
         rows = rows or self.prefix_rows
@@ -346,8 +367,11 @@ class LayerScorer:
                 raise ValueError(f"images of shape {tuple(x.shape[1:])} do not fit the model "
                                  f"({str(exc).splitlines()[0]})") from exc
             if not live:
-                live = [torch.empty((len(idx), *t.shape[1:]), dtype=t.dtype, device=t.device)
-                        for t in outs]
+                nhwc = list(channels_last) + [False] * (len(outs) - len(channels_last))
+                live = [torch.empty((len(idx), *t.shape[1:]), dtype=t.dtype, device=t.device,
+                                    memory_format=torch.channels_last if cl and t.dim() == 4
+                                    else torch.contiguous_format)
+                        for t, cl in zip(outs, nhwc, strict=True)]
             for dst, t in zip(live, outs, strict=True):
                 dst[s:s + len(y)].copy_(t)
             labels.append(y)
@@ -412,7 +436,7 @@ class LayerScorer:
                     v = _ops.ablate_conv(a, self._w, z, self._scale, self._shift, channels,
                                          c.stride, c.padding, c.dilation, self.fused.relu)
                     v = v.view(m * b, *v.shape[2:])
-                    out.append(v if sel is None else v.index_select(0, sel))
+                    out.append(v if sel is None else _gather_rows(v, sel))
             elif name == self.split.live[0]:
                 if channels is None:
                     out.append(a)
@@ -429,9 +453,9 @@ class LayerScorer:
                 if channels is None or m == 1 and sel is None:
                     out.append(t)
                 elif sel is None:
-                    out.append(t.unsqueeze(0).expand(m, *t.shape).reshape(m * b, *t.shape[1:]))
+                    out.append(_gather_rows(t, torch.arange(m * b, device=t.device) % b))
                 else:
-                    out.append(t.index_select(0, ir))
+                    out.append(_gather_rows(t, ir))
         return out
 
     def _run_tail(self, inputs: list[torch.Tensor]) -> torch.Tensor:
@@ -450,9 +474,7 @@ class LayerScorer:
             ch.known = torch.zeros(ch.labels.shape[0], dtype=torch.bool)
         if not bool(ch.known[b0:b1].all()):
             out = self._run_tail(self._tail_inputs(ch, b0, b1, None))
-            if ch.base_out is None:
-                ch.base_out = out.new_empty((ch.labels.shape[0], out.shape[1]))
-            ch.base_out[b0:b1] = out
+            ch.base_store(out)[b0:b1] = out
             ch.known[b0:b1] = True
         return ch.base_out[b0:b1]
 
@@ -638,6 +660,15 @@ class LayerScorer:
                         ch.a[:, s] = 0
                     ch.known = None
         self.removed.extend(filt)
+
+
+def _gather_rows(t: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+    """t[rows] along dim 0, in t's memory format (index_select returns a channels_last tensor
+    in NCHW, which a oneDNN tail would then convert back: two copies instead of one)."""
+    if t.dim() == 4 and not t.is_contiguous() and t.is_contiguous(
+            memory_format=torch.channels_last):
+        return t[rows]
+    return t.index_select(0, rows)
 
 
 def _nonzero_channels(v: torch.Tensor, positions: torch.Tensor | None = None, block: int = 1

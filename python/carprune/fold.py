@@ -72,6 +72,13 @@ def _pointwise_op() -> object | None:
         return None
 
 
+def channels_last_tails(device: torch.device, dtype: torch.dtype) -> bool:
+    """Whether `fuse_conv_pointwise` rewrites the tails of a scorer on `device` in `dtype` (then
+    their inputs are best kept in channels_last: the rewritten graph's entry converts the rest)."""
+    return (POINTWISE_FUSION and _pointwise_op() is not None and device.type == "cpu"
+            and dtype == torch.float32)
+
+
 def _nhwc(v: object) -> object:
     """A 4-D floating point tensor in channels_last (a no-op if it is already); anything else
     unchanged."""

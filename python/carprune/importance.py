@@ -128,10 +128,13 @@ class CAR:
         cut = int((margin <= 0).sum())
         order = [b for b in [wrong_first[:cut], *np.array_split(wrong_first[cut:], max(1, blocks))]
                  if len(b)]
+        # the round scores these images many times, a few channels at a time: their prefix
+        # (and each unit's chunk) computed once, when the memory budget allows (exact)
+        prefix_kept = sc.keep(wrong_first)
         alive = {u: sc.scorers[u].alive for u in units}
         pos = {u: {c: j for j, c in enumerate(alive[u])} for u in units}
         costs: dict[str, UnitCost] = {}
-        prefix_s = 0.0
+        prefix_s = prefix_kept
         scale = 1.0
 
         def run(block: np.ndarray, chans: dict[str, list[int]]) -> dict[str, BlockSums]:

@@ -51,12 +51,13 @@ from .engine import (
     LayerScorer,
     _bytes_per_row,
     _Chunk,
+    _gather_rows,
     _nonzero_channels,
     _rows_for,
     _SizeRecorder,
     parse_bytes,
 )
-from .fold import fold_conv_bn, fuse_conv_pointwise
+from .fold import channels_last_tails, fold_conv_bn, fuse_conv_pointwise
 from .io import read_json, write_json
 from .scores import LayerScores
 from .units import Site, Unit, UnitAnalysis, prunable_units
@@ -90,8 +91,8 @@ def _mask_channels(v: torch.Tensor, drop: torch.Tensor) -> torch.Tensor:
     """`v` ([R, C, ...], or [R, C * block]) with channel c of row r zeroed where drop[r, c]
     (in v's own memory format)."""
     r, c = drop.shape
-    if v.shape[1] == c:
-        return v.masked_fill(drop.view(r, c, *([1] * (v.dim() - 2))), 0)
+    if v.shape[1] == c:   # (an out-of-place masked_fill would return NCHW: torch.where does not)
+        return torch.where(drop.view(r, c, *([1] * (v.dim() - 2))), 0, v)
     return v.reshape(r, c, -1).masked_fill(drop.unsqueeze(-1), 0).reshape(v.shape)
 
 
@@ -397,7 +398,7 @@ class UnitScorer(LayerScorer):
         if sel is None:
             sel = torch.arange(m * b, device=self.device)
         ir = sel % b + b0
-        return ([ch.others[n].index_select(0, ir) for n in self.split.live]
+        return ([_gather_rows(ch.others[n], ir) for n in self.split.live]
                 + self._drops(int(sel.numel()), channels[sel // b]))
 
     def _base_out(self, ch: _Chunk, b0: int, b1: int) -> torch.Tensor:
@@ -412,9 +413,7 @@ class UnitScorer(LayerScorer):
             tail_sites = [s for s in self.sites if not s.in_prefix]
             for s, v in zip(tail_sites, raw, strict=True):
                 ch.alive[b0:b1] |= _nonzero_channels(v, s.positions, s.block)
-            if ch.base_out is None:
-                ch.base_out = out.new_empty((ch.labels.shape[0], out.shape[1]))
-            ch.base_out[b0:b1] = out
+            ch.base_store(out)[b0:b1] = out
             ch.known[b0:b1] = True
         return ch.base_out[b0:b1]
 
@@ -744,11 +743,76 @@ class UnitScoring:
         with torch.no_grad():
             live1 = rec.run(x)
         budget = parse_bytes(memory_budget)
-        per_image = sum(_bytes_per_row(t) for t in live1) + max(
-            _bytes_per_row(_z_probe(s, live1, self.wanted)) for s in scorers)
+        self._live_bytes = sum(_bytes_per_row(t) for t in live1)
+        self._extra_bytes = {s.unit.name: _bytes_per_row(_z_probe(s, live1, self.wanted))
+                             for s in scorers}
+        per_image = self._live_bytes + max(self._extra_bytes.values())
         self.chunk_images = max(1, min(len(self.indices), (budget // 2) // max(1, per_image)))
         self.prefix_rows = _rows_for(rec.max_bytes, rec.total_bytes, budget // 4)
+        self._budget = budget
+        self._kept: _Kept | None = None
         self.build_seconds = time.perf_counter() - t0
+
+    def keep(self, order: Sequence[int] | np.ndarray) -> float:
+        """Computes the shared prefix over images `order` (scoring images, in any order) once
+        and keeps it, when it fits in half the memory budget together with one unit's extra
+        tensors; later `run` calls on a contiguous stretch of `order` read views of it instead of
+        running the prefix again, and each unit's chunk over all of `order` (its consumer's
+        pre-activation, its zero-channel flags, the unablated outputs found so far) is built on
+        first use and kept too while the budget allows. Exact: the same tensors, computed once.
+        (`importance.CAR.search` keeps its images in its block order: a round scores the same
+        images many times, a few channels at a time.) Returns the prefix seconds (0 when nothing
+        is kept)."""
+        idx = np.asarray(order, dtype=np.int64)
+        n = len(idx)
+        self._kept = None
+        if not n or (self._live_bytes + max(self._extra_bytes.values())) * n > self._budget // 2:
+            return 0.0
+        t0 = time.perf_counter()
+        with torch.no_grad():
+            # the oneDNN tails read channels_last, and rows gathered from it keep it
+            # (`_gather_rows`); not the fused consumers' inputs (`_ops.ablate_conv` reads NCHW)
+            nhwc = []
+            if channels_last_tails(self.lead.device, self.lead.dtype):
+                nchw = {s.split.live[0] for s in self.scorers.values() if s.fused is not None}
+                nhwc = [n not in nchw for n in self.wanted]
+            vals, y = self.lead._prefix_values(self.shared, idx, self.prefix_rows, nhwc)
+        self._kept = _Kept(order=idx, where={int(i): p for p, i in enumerate(idx)},
+                           values=dict(zip(self.wanted, vals, strict=True)), labels=y,
+                           spare=self._budget // 2 - self._live_bytes * n)
+        return time.perf_counter() - t0
+
+    def _span(self, idx: np.ndarray) -> tuple[int, int] | None:
+        """(p0, p1) when images `idx` are kept[p0:p1], else None."""
+        k = self._kept
+        if k is None or not len(idx):
+            return None
+        p0 = k.where.get(int(idx[0]))
+        if p0 is None or p0 + len(idx) > len(k.order) or not np.array_equal(
+                k.order[p0:p0 + len(idx)], idx):
+            return None
+        return p0, p0 + len(idx)
+
+    def _kept_chunk(self, s: UnitScorer, p0: int, p1: int) -> _Chunk | None:
+        """Unit `s`'s chunk of kept images p0:p1 (views of its chunk over all kept images,
+        built on first use), or None when its chunk does not fit in what the budget has left."""
+        k = self._kept
+        ch = k.chunks.get(s.unit.name)
+        if ch is None:
+            need = self._extra_bytes[s.unit.name] * len(k.order)
+            if need > k.spare:
+                return None
+            ch = s._chunk_from([k.values[n] for n in s.split.live], k.labels)
+            ch.known = torch.zeros(len(k.order), dtype=torch.bool)
+            k.spare -= need
+            k.chunks[s.unit.name] = ch
+        return _Chunk(labels=ch.labels[p0:p1], a=None if ch.a is None else ch.a[p0:p1],
+                      z=None if ch.z is None else ch.z[p0:p1],
+                      others={n: v[p0:p1] for n, v in ch.others.items()},
+                      groups=ch.groups[p0:p1],
+                      alive=None if ch.alive is None else ch.alive[p0:p1],
+                      base_out=None if ch.base_out is None else ch.base_out[p0:p1],
+                      known=ch.known[p0:p1], parent=ch, offset=p0)
 
     def margins(self, indices: Sequence[int] | np.ndarray | None = None) -> np.ndarray:
         """float64 per image of `indices` (default `self.indices`): how far the network
@@ -801,14 +865,22 @@ class UnitScoring:
         with torch.no_grad():
             for c, s0 in enumerate(range(0, len(idx), size)):
                 t0 = time.perf_counter()
-                vals, y = self.lead._prefix_values(self.shared, idx[s0:s0 + size],
-                                                   self.prefix_rows)
-                values = dict(zip(self.wanted, vals, strict=True))
-                del vals
+                span = self._span(idx[s0:s0 + size])
+                if span is not None:   # kept (`keep`): views
+                    p0, p1 = span
+                    values = {n: v[p0:p1] for n, v in self._kept.values.items()}
+                    y = self._kept.labels[p0:p1]
+                else:
+                    vals, y = self.lead._prefix_values(self.shared, idx[s0:s0 + size],
+                                                       self.prefix_rows)
+                    values = dict(zip(self.wanted, vals, strict=True))
+                    del vals
                 prefix_seconds += time.perf_counter() - t0
                 for k, ((s, _), run) in enumerate(zip(todo, runs, strict=True)):
                     t0 = time.perf_counter()
-                    ch = s._chunk_from([values[n] for n in s.split.live], y)
+                    ch = self._kept_chunk(s, *span) if span is not None else None
+                    if ch is None:
+                        ch = s._chunk_from([values[n] for n in s.split.live], y)
                     s._score_chunk(run, ch)
                     del ch
                     seconds[k] += time.perf_counter() - t0
@@ -835,6 +907,20 @@ class UnitScoring:
                            seconds=time.perf_counter() - t_start,
                            threads=torch.get_num_threads(), units=costs)
         return UnitScores(out, cost)
+
+
+@dataclass
+class _Kept:
+    """What `UnitScoring.keep` holds: the images in their kept order, each image's position,
+    the shared prefix's tensors and labels over them, per unit its chunk over all of them, and
+    the bytes of the budget's half still free for more units' chunks."""
+
+    order: np.ndarray
+    where: dict[int, int]
+    values: dict[str, torch.Tensor]
+    labels: torch.Tensor
+    spare: int
+    chunks: dict[str, _Chunk] = field(default_factory=dict)
 
 
 def _screen_counts(scorer: UnitScorer) -> tuple[int, int]:
