@@ -799,7 +799,14 @@ class UnitScoring:
         k = self._kept
         ch = k.chunks.get(s.unit.name)
         if ch is None:
-            need = self._extra_bytes[s.unit.name] * len(k.order)
+            # what the chunk holds of its own (Z, a copy of the cut activation when the unit
+            # has removed channels, the zero-channel flags, the unablated outputs), per image
+            one = s._chunk_from([k.values[n][:1] for n in s.split.live], k.labels[:1])
+            kept = {v.untyped_storage().data_ptr() for v in k.values.values()}
+            own = [one.z, one.alive] + ([one.a] if one.a is not None and
+                                        one.a.untyped_storage().data_ptr() not in kept else [])
+            need = len(k.order) * (sum(_bytes_per_row(t) for t in own if t is not None)
+                                   + s.num_outputs * torch.empty((), dtype=s.dtype).element_size())
             if need > k.spare:
                 return None
             ch = s._chunk_from([k.values[n] for n in s.split.live], k.labels)
