@@ -73,12 +73,6 @@ class ScreenStats:
     audited: int = 0
     worst: float = 0.0
 
-    def add(self, other: ScreenStats) -> None:
-        self.rows += other.rows
-        self.rechecked += other.rechecked
-        self.audited += other.audited
-        self.worst = max(self.worst, other.worst)
-
 
 class Screen:
     """`tail` (a float32 graph returning [rows, ...] outputs) screened in bfloat16 for top-`topk`
