@@ -44,7 +44,7 @@ from .data.batches import (
     pick_indices,
     resolve,
 )
-from .fold import channels_last_tails, fold_conv_bn, fuse_conv_pointwise
+from .fold import fold_conv_bn, fuse_conv_pointwise, reads_channels_last
 from .head import FusedHead, find_fused_head
 from .scores import LayerScores
 from .screen import Screen, check_screen
@@ -245,6 +245,10 @@ class LayerScorer:
         self.head: FusedHead | None = find_fused_head(self.split) if fused_head else None
         if self.head is None:
             fuse_conv_pointwise(self.split.tail)
+        # the fused consumer's Z in channels_last when the tail reads it (`_ops.ablate_conv`
+        # then writes its output in that layout)
+        self._z_format = (torch.channels_last if self.head is None and
+                          reads_channels_last(self.split.tail) else torch.contiguous_format)
         self.num_filters = self.cut.num_filters
         if self.fused is not None:
             conv = self.fused.conv
@@ -338,12 +342,8 @@ class LayerScorer:
         z = None
         if self.fused is not None:
             c = self.fused.conv
-            # channels_last when a oneDNN tail reads the ablated output (`_ops.ablate_conv`
-            # writes that layout from a channels_last z)
-            fmt = torch.channels_last if self.head is None and channels_last_tails(
-                self.device, self.dtype) else torch.contiguous_format
             z = F.conv2d(a, self._w, self._b, c.stride, c.padding, c.dilation).contiguous(
-                memory_format=fmt)
+                memory_format=self._z_format)
         alive = None
         if self.zero_skip and self.head is None:
             alive = _nonzero_channels(a)

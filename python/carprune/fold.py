@@ -72,11 +72,10 @@ def _pointwise_op() -> object | None:
         return None
 
 
-def channels_last_tails(device: torch.device, dtype: torch.dtype) -> bool:
-    """Whether `fuse_conv_pointwise` rewrites the tails of a scorer on `device` in `dtype` (then
-    their inputs are best kept in channels_last: the rewritten graph's entry converts the rest)."""
-    return (POINTWISE_FUSION and _pointwise_op() is not None and device.type == "cpu"
-            and dtype == torch.float32)
+def reads_channels_last(gm: fx.GraphModule) -> bool:
+    """Whether `fuse_conv_pointwise` rewrote `gm`: its inputs are then best given in
+    channels_last (its entry converts any other 4-D input, one copy per call)."""
+    return any(n.op == "call_function" and n.target is _nhwc for n in gm.graph.nodes)
 
 
 def _nhwc(v: object) -> object:

@@ -57,7 +57,7 @@ from .engine import (
     _SizeRecorder,
     parse_bytes,
 )
-from .fold import channels_last_tails, fold_conv_bn, fuse_conv_pointwise
+from .fold import fold_conv_bn, fuse_conv_pointwise, reads_channels_last
 from .io import read_json, write_json
 from .scores import LayerScores
 from .units import Site, Unit, UnitAnalysis, prunable_units
@@ -734,19 +734,18 @@ class UnitScoring:
         self.lead = lead = scorers[0]
         self.indices = lead.indices
         self.metric = lead.metric
-        x, _ = lead._images(self.indices[:1])
+        x, y1 = lead._images(self.indices[:1])
         self.report = count_cost(gm, tuple(x.shape[1:]))
         prefix_modules = {str(n.target) for n in needed if n.op == "call_module"}
         self.prefix_macs = sum(lay.flops for lay in self.report.layers
                                if lay.name in prefix_modules)
         rec = _SizeRecorder(self.shared)
         with torch.no_grad():
-            live1 = rec.run(x)
+            live1 = dict(zip(self.wanted, rec.run(x), strict=True))
+            self._chunk_bytes = {s.unit.name: _chunk_bytes(s, live1, y1) for s in scorers}
         budget = parse_bytes(memory_budget)
-        self._live_bytes = sum(_bytes_per_row(t) for t in live1)
-        self._extra_bytes = {s.unit.name: _bytes_per_row(_z_probe(s, live1, self.wanted))
-                             for s in scorers}
-        per_image = self._live_bytes + max(self._extra_bytes.values())
+        self._live_bytes = sum(_bytes_per_row(t) for t in live1.values())
+        per_image = self._live_bytes + max(self._chunk_bytes.values())
         self.chunk_images = max(1, min(len(self.indices), (budget // 2) // max(1, per_image)))
         self.prefix_rows = _rows_for(rec.max_bytes, rec.total_bytes, budget // 4)
         self._budget = budget
@@ -766,17 +765,18 @@ class UnitScoring:
         idx = np.asarray(order, dtype=np.int64)
         n = len(idx)
         self._kept = None
-        if not n or (self._live_bytes + max(self._extra_bytes.values())) * n > self._budget // 2:
+        if not n or (self._live_bytes + max(self._chunk_bytes.values())) * n > self._budget // 2:
             return 0.0
         t0 = time.perf_counter()
         with torch.no_grad():
-            # the oneDNN tails read channels_last, and rows gathered from it keep it
-            # (`_gather_rows`); not the fused consumers' inputs (`_ops.ablate_conv` reads NCHW)
-            nhwc = []
-            if channels_last_tails(self.lead.device, self.lead.dtype):
-                nchw = {s.split.live[0] for s in self.scorers.values() if s.fused is not None}
-                nhwc = [n not in nchw for n in self.wanted]
-            vals, y = self.lead._prefix_values(self.shared, idx, self.prefix_rows, nhwc)
+            # kept in channels_last where a oneDNN tail reads it (rows gathered from it keep it,
+            # `_gather_rows`); never a fused consumer's input (`_ops.ablate_conv` reads NCHW)
+            scorers = self.scorers.values()
+            nchw = {s.split.live[0] for s in scorers if s.fused is not None}
+            nhwc = {name for s in scorers if reads_channels_last(s.split.tail)
+                    for name in s.split.live} - nchw
+            vals, y = self.lead._prefix_values(self.shared, idx, self.prefix_rows,
+                                               [name in nhwc for name in self.wanted])
         self._kept = _Kept(order=idx, where={int(i): p for p, i in enumerate(idx)},
                            values=dict(zip(self.wanted, vals, strict=True)), labels=y,
                            spare=self._budget // 2 - self._live_bytes * n)
@@ -799,14 +799,7 @@ class UnitScoring:
         k = self._kept
         ch = k.chunks.get(s.unit.name)
         if ch is None:
-            # what the chunk holds of its own (Z, a copy of the cut activation when the unit
-            # has removed channels, the zero-channel flags, the unablated outputs), per image
-            one = s._chunk_from([k.values[n][:1] for n in s.split.live], k.labels[:1])
-            kept = {v.untyped_storage().data_ptr() for v in k.values.values()}
-            own = [one.z, one.alive] + ([one.a] if one.a is not None and
-                                        one.a.untyped_storage().data_ptr() not in kept else [])
-            need = len(k.order) * (sum(_bytes_per_row(t) for t in own if t is not None)
-                                   + s.num_outputs * torch.empty((), dtype=s.dtype).element_size())
+            need = self._chunk_bytes[s.unit.name] * len(k.order)
             if need > k.spare:
                 return None
             ch = s._chunk_from([k.values[n] for n in s.split.live], k.labels)
@@ -936,14 +929,17 @@ def _screen_counts(scorer: UnitScorer) -> tuple[int, int]:
     return (st.rows, st.rechecked + st.audited) if st is not None else (0, 0)
 
 
-def _z_probe(scorer: UnitScorer, live1: Sequence[torch.Tensor], wanted: list[str]
-             ) -> torch.Tensor | None:
-    """The fused consumer's pre-activation for one image (the extra a chunk of `scorer` holds)."""
-    if scorer.fused is None:
-        return None
-    a = live1[wanted.index(scorer.split.live[0])]
-    c = scorer.fused.conv
-    return torch.nn.functional.conv2d(a, scorer._w, scorer._b, c.stride, c.padding, c.dilation)
+def _chunk_bytes(scorer: UnitScorer, values: Mapping[str, torch.Tensor], labels: torch.Tensor
+                 ) -> int:
+    """Bytes per image that a chunk of `scorer` holds of its own beside the shared prefix tensors
+    `values` (of one image): the fused consumer's Z, a copy of the cut activation when the unit
+    has removed channels, the zero-channel flags and the unablated outputs."""
+    ch = scorer._chunk_from([values[n] for n in scorer.split.live], labels)
+    shared = {v.untyped_storage().data_ptr() for v in values.values()}
+    own = [ch.z, ch.alive] + ([ch.a] if ch.a is not None and
+                              ch.a.untyped_storage().data_ptr() not in shared else [])
+    return (sum(_bytes_per_row(t) for t in own if t is not None)
+            + scorer.num_outputs * torch.empty((), dtype=scorer.dtype).element_size())
 
 
 __all__ = ["REFERENCE_GEMM_GFLOPS", "ScoringCost", "UnitCost", "UnitScorer", "UnitScores",
