@@ -70,6 +70,23 @@ def test_search_scores_less_and_chooses_what_full_scoring_chooses(resnet20, cifa
     s = car.last_search
     assert s["pairs"] == sum(c.pairs for c in car.last_cost.units) < s["full_pairs"] == 100 * sum(
         len(full[u]) for u in units)
+    assert s["recounted"] == 0   # no unit's tail disagreed with the plain forward's verdicts
+
+
+def test_search_counts_wrong_images_exactly_when_the_order_misleads(resnet20, cifar_test):
+    """The bound takes the images that the plain forward puts clearly right to be right in
+    every unit's tail too. Margins that call every image right (|margin| + 1: the wrong images
+    spread over all blocks) break that: the blocks scored show it, and the search counts each
+    unit's wrong images exactly and starts again, with full scoring's choices and values."""
+    data = cifar_test.sample(100, seed=3)
+    an, units, rank = _ranked(resnet20, data)
+    full = importance.CAR(data)(resnet20, an, units)
+    car = importance.CAR(data)
+    honest = car._search_margins
+    car._search_margins = lambda model, sc: abs(honest(model, sc)) + 1.0
+    found = car.search(resnet20, an, units, rank, picks=1)
+    assert car.last_search["recounted"] == 1 and car.last_search["wrong"] == 0
+    assert _check_search(found, full, rank, units, 1) > 0
 
 
 def test_promotion_tightens_the_threshold_exactly(resnet20, cifar_test):

@@ -234,15 +234,18 @@ def test_kept_prefix_gives_the_counts_of_fresh_runs(resnet20, analysis, cifar_te
     assert bool(sc._kept.chunks["conv1"].known.all())
     small = UnitScoring(resnet20, cifar_test, names, **{**kw, "memory_budget": "8MiB"})
     assert small.keep(order) == 0.0 and small._kept is None
-    # the channel masks inside the tails keep channels_last, and zero what masked_fill zeroes
+    # the channel masks inside the tails keep channels_last, zero what masked_fill zeroes and
+    # leave the rest as it is (a NaN in a kept channel too)
     v = torch.randn(6, 16, 5, 5).contiguous(memory_format=torch.channels_last)
-    v[0, 3, 0, 0] = float("nan")
+    v[0, 4, 0, 0] = float("nan")
     drop = torch.zeros(6, 16, dtype=torch.bool)
     drop[:, 3] = True
     drop[2, 7] = True
-    got = _mask_channels(v, drop)
-    assert got.is_contiguous(memory_format=torch.channels_last)
-    assert torch.equal(got, v.masked_fill(drop.view(6, 16, 1, 1), 0))
+    for x in (v, v.reshape(6, 16 * 25)):   # a [rows, channels x block] site too
+        got = _mask_channels(x, drop)
+        ref = x.reshape(6, 16, -1).masked_fill(drop.unsqueeze(-1), 0).reshape(x.shape)
+        torch.testing.assert_close(got, ref, rtol=0, atol=0, equal_nan=True)
+    assert _mask_channels(v, drop).is_contiguous(memory_format=torch.channels_last)
 
 
 def test_bad_input_errors(resnet20, analysis, cifar_test):

@@ -56,6 +56,103 @@ class BlockSums:
     correct: torch.Tensor
 
 
+# a unit's tail sums in another order than the plain forward that orders the images: an image
+# the forward puts further than this (x the largest |margin|, at least 1) inside the boundary is
+# taken to be right in every tail too (float32 differences are about 1e-6 of the outputs); the
+# search checks it on every block it scores and counts exactly when it fails
+MARGIN_SLACK = 1e-3
+
+
+def _count_value(count: int, scale: float, n: int) -> float:
+    """A channel's importance from its summed count over n images (the metric's fixed-point
+    `scale`)."""
+    return float(torch.tensor(count, dtype=torch.int64).double() / (scale * max(1, n)))
+
+
+def _bound_search(run: Callable[[np.ndarray, dict[str, list[int]]], dict[str, BlockSums]],
+                  order: list[np.ndarray], alive: dict[str, list[int]],
+                  later: dict[str, np.ndarray], rank: Callable[[str, int, float], Any], n: int,
+                  picks: int, promote: int, near: np.ndarray | None, state: dict[str, float]
+                  ) -> tuple[dict, dict, dict, dict] | None:
+    """The steps of `CAR.search` on the image blocks `order`: `later[u][t]` bounds what unit u's
+    unablated network gets wrong in blocks t + 1 onwards. Returns per unit the partial counts,
+    the blocks scored, the leaders and the channels scored to the end; None as soon as a block
+    scored shows a unit getting more images wrong than `near` (per block, what `later` was
+    built from) allows, from block 2 on (the bound's blocks)."""
+    units = list(alive)
+    pos = {u: {c: j for j, c in enumerate(alive[u])} for u in units}
+    part = {u: torch.zeros(len(alive[u]), dtype=torch.int64) for u in units}
+    seen = {u: torch.zeros(len(alive[u]), dtype=torch.int64) for u in units}
+
+    def add(t: int, chans: dict[str, list[int]], until: int | None = None) -> bool:
+        """Score `chans` on blocks t .. until - 1 (default: block t alone) in one run; False
+        when a unit got more of them wrong than `near` allows."""
+        chans = {u: c for u, c in chans.items() if c}
+        if not chans:
+            return True
+        ts = range(t, t + 1 if until is None else until)
+        block = order[t] if len(ts) == 1 else np.concatenate([order[k] for k in ts])
+        ok = True
+        for u, got in run(block, chans).items():
+            j = torch.tensor([pos[u][c] for c in got.filters], dtype=torch.int64)
+            part[u][j] += got.base - got.correct
+            seen[u][j] += len(ts)
+            if near is not None and t >= 2 and len(block) - got.base > int(near[ts].sum()):
+                ok = False
+        return ok
+
+    def key(u: str, j: int, count: int) -> Any:
+        return rank(u, alive[u][j], _count_value(count, state["scale"], n))
+
+    first = min(2, len(order))
+    for t in range(first):
+        add(t, {u: list(alive[u]) for u in units})
+    # the candidates ranked best so far, scored to the end: they fix the threshold
+    est = sorted((key(u, j, int(part[u][j])), u, j) for u in units for j in range(len(alive[u])))
+    lead: dict[str, set[int]] = {u: set() for u in units}
+    for _, u, j in est:
+        if len([v for v in lead.values() if v]) >= picks + 2:
+            break
+        if not lead[u]:
+            lead[u].add(j)
+    for _, u, j in est[:picks + 2]:
+        lead[u].add(j)
+    for t in range(first, len(order)):
+        if not add(t, {u: [alive[u][j] for j in sorted(js)] for u, js in lead.items()}):
+            return None
+    finished = {u: set(js) for u, js in lead.items()}   # scored on every block
+
+    def threshold() -> Any:
+        best = sorted(min(key(u, j, int(part[u][j])) for j in js)
+                      for u, js in finished.items() if js)
+        return best[picks - 1] if len(best) >= picks else None
+
+    def bound(u: str, j: int, t: int) -> Any:
+        """The best key channel j of unit u can still reach before block t."""
+        return key(u, j, int(part[u][j]) - int(later[u][t - 1]))
+
+    thr = threshold()
+    live = {u: [j for j in range(len(alive[u])) if j not in lead[u]] for u in units}
+    for t in range(first, len(order)):
+        for _ in range(promote):
+            cand = [(bound(u, j, t), u, j) for u, js in live.items() for j in js]
+            if not cand:
+                break
+            low, u, j = min(cand)
+            if thr is not None and not low < thr:
+                break
+            if not add(t, {u: [alive[u][j]]}, until=len(order)):
+                return None
+            live[u].remove(j)
+            finished[u].add(j)
+            thr = threshold()
+        if thr is not None:
+            live = {u: [j for j in js if not bound(u, j, t) > thr] for u, js in live.items()}
+        if not add(t, {u: [alive[u][j] for j in js] for u, js in live.items()}):
+            return None
+    return part, seen, lead, finished
+
+
 class CAR:
     """Exact CAR (or the importance under `metric`) of each channel on `data`."""
 
@@ -102,8 +199,13 @@ class CAR:
         channel is scored on the wrong ones and the first block; the few channels ranked best
         so far are scored to the end, which fixes the threshold (the `picks`-th best unit's
         best key among the channels scored to the end); a channel is then dropped as soon as
-        its partial count minus the images still to come that its unit's unablated network gets
-        wrong (counted by the engine, per block) ranks above the threshold. Before each later
+        its partial count minus the images still to come that its unit's unablated network can
+        get wrong ranks above the threshold. Those are the images the plain forward gets wrong
+        or puts within `MARGIN_SLACK` of the boundary (the tails sum in another order than the
+        forward, a float32 difference of about 1e-6 of the outputs): no unablated pass per
+        block is needed. Every block a unit scores checks it with the engine's own counts, and
+        a unit that gets more wrong than that allows makes the search count them exactly, per
+        unit and block, and start again (`last_search['recounted']`). Before each later
         block, up to `promote` times, the remaining channel with the lowest such bound, if it
         ranks below the threshold, is scored on all the blocks left at once and its exact value
         tightens the threshold (when the first estimate picked the leaders badly, as late in a
@@ -124,24 +226,28 @@ class CAR:
         idx = sc.indices
         n = len(idx)
         margin = self._search_margins(model, sc)
-        wrong_first = idx[np.argsort(margin, kind="stable")]   # then the nearest to flipping
+        ranked = np.argsort(margin, kind="stable")
+        wrong_first = idx[ranked]   # then the nearest to flipping
         cut = int((margin <= 0).sum())
-        order = [b for b in [wrong_first[:cut], *np.array_split(wrong_first[cut:], max(1, blocks))]
-                 if len(b)]
+        spans = [p for p in [np.arange(cut), *np.array_split(np.arange(cut, n), max(1, blocks))]
+                 if len(p)]
+        order = [wrong_first[p] for p in spans]
+        # per block, the images a unit's own tail could get wrong: those the plain forward gets
+        # wrong or puts within float32 noise of the boundary (the tails sum in other orders)
+        slack = MARGIN_SLACK * max(1.0, float(np.abs(margin).max(initial=0.0)))
+        near = np.array([int((margin[ranked[p]] <= slack).sum()) for p in spans], dtype=np.int64)
         # the round scores these images many times, a few channels at a time: their prefix
         # (and each unit's chunk) computed once, when the memory budget allows (exact)
         prefix_kept = sc.keep(wrong_first)
         alive = {u: sc.scorers[u].alive for u in units}
-        pos = {u: {c: j for j, c in enumerate(alive[u])} for u in units}
         costs: dict[str, UnitCost] = {}
-        prefix_s = prefix_kept
-        scale = 1.0
+        state = {"prefix": prefix_kept, "scale": 1.0}
 
         def run(block: np.ndarray, chans: dict[str, list[int]]) -> dict[str, BlockSums]:
-            nonlocal prefix_s, scale
             sums, unit_costs, sec, got_scale = self._search_block(sc, block, chans)
-            prefix_s += sec
-            scale = scale if got_scale is None else got_scale
+            state["prefix"] += sec
+            if got_scale is not None:
+                state["scale"] = got_scale
             for c in unit_costs:
                 if c.unit in costs:
                     costs[c.unit].add(c, same_channels=True)
@@ -149,86 +255,32 @@ class CAR:
                     costs[c.unit] = c
             return sums
 
-        # what each unit's unablated network gets wrong, per block (the engine's own counts)
-        wrong = {u: np.zeros(len(order), dtype=np.int64) for u in units}
-        for t, block in enumerate(order):
-            for u, got in run(block, {u: [] for u in units}).items():
-                wrong[u][t] = len(block) - got.base
-        later = {u: np.concatenate([np.cumsum(w[::-1])[::-1][1:], [0]]) for u, w in wrong.items()}
-        part = {u: torch.zeros(len(alive[u]), dtype=torch.int64) for u in units}
-        seen = {u: torch.zeros(len(alive[u]), dtype=torch.int64) for u in units}
-
-        def add(t: int, chans: dict[str, list[int]], until: int | None = None) -> None:
-            """Score `chans` on blocks t .. until - 1 (default: block t alone) in one run."""
-            chans = {u: c for u, c in chans.items() if c}
-            if not chans:
-                return
-            ts = range(t, t + 1 if until is None else until)
-            block = order[t] if len(ts) == 1 else np.concatenate([order[k] for k in ts])
-            for u, got in run(block, chans).items():
-                j = torch.tensor([pos[u][c] for c in got.filters], dtype=torch.int64)
-                part[u][j] += got.base - got.correct
-                seen[u][j] += len(ts)
-
-        def value(u: str, count: int) -> float:
-            return float(torch.tensor(count, dtype=torch.int64).double() / (scale * max(1, n)))
-
-        def key(u: str, j: int, count: int) -> Any:
-            return rank(u, alive[u][j], value(u, count))
-
-        first = min(2, len(order))
-        for t in range(first):
-            add(t, {u: list(alive[u]) for u in units})
-        # the candidates ranked best so far, scored to the end: they fix the threshold
-        est = sorted((key(u, j, int(part[u][j])), u, j) for u in units for j in range(len(alive[u])))
-        lead: dict[str, set[int]] = {u: set() for u in units}
-        for _, u, j in est:
-            if len([v for v in lead.values() if v]) >= picks + 2:
-                break
-            if not lead[u]:
-                lead[u].add(j)
-        for _, u, j in est[:picks + 2]:
-            lead[u].add(j)
-        for t in range(first, len(order)):
-            add(t, {u: [alive[u][j] for j in sorted(js)] for u, js in lead.items()})
-        finished = {u: set(js) for u, js in lead.items()}   # scored on every block
-
-        def threshold() -> Any:
-            best = sorted(min(key(u, j, int(part[u][j])) for j in js)
-                          for u, js in finished.items() if js)
-            return best[picks - 1] if len(best) >= picks else None
-
-        def bound(u: str, j: int, t: int) -> Any:
-            """The best key channel j of unit u can still reach before block t."""
-            return key(u, j, int(part[u][j]) - int(later[u][t - 1]))
-
-        thr = threshold()
-        live = {u: [j for j in range(len(alive[u])) if j not in lead[u]] for u in units}
-        for t in range(first, len(order)):
-            for _ in range(promote):
-                cand = [(bound(u, j, t), u, j) for u, js in live.items() for j in js]
-                if not cand:
-                    break
-                low, u, j = min(cand)
-                if thr is not None and not low < thr:
-                    break
-                add(t, {u: [alive[u][j]]}, until=len(order))
-                live[u].remove(j)
-                finished[u].add(j)
-                thr = threshold()
-            if thr is not None:
-                live = {u: [j for j in js if not bound(u, j, t) > thr] for u, js in live.items()}
-            add(t, {u: [alive[u][j] for j in js] for u, js in live.items()})
+        later = {u: np.concatenate([np.cumsum(near[::-1])[::-1][1:], [0]]) for u in units}
+        found = _bound_search(run, order, alive, later, rank, n, picks, promote, near, state)
+        recounted = found is None
+        if recounted:
+            # a unit's tail got an image wrong that the plain forward had well inside the
+            # boundary: count what each unit's unablated network gets wrong, per block (the
+            # engine's own counts), and search again with those
+            wrong = {u: np.zeros(len(order), dtype=np.int64) for u in units}
+            for t, block in enumerate(order):
+                for u, got in run(block, {u: [] for u in units}).items():
+                    wrong[u][t] = len(block) - got.base
+            later = {u: np.concatenate([np.cumsum(w[::-1])[::-1][1:], [0]])
+                     for u, w in wrong.items()}
+            found = _bound_search(run, order, alive, later, rank, n, picks, promote, None, state)
+        part, seen, lead, finished = found
         out = {}
         for u in units:
             v = torch.full((len(alive[u]),), float("nan"), dtype=torch.float64)
             exact = seen[u] == len(order)   # scored on every block
             for j in exact.nonzero().flatten().tolist():
-                v[j] = value(u, int(part[u][j]))
+                v[j] = _count_value(int(part[u][j]), state["scale"], n)
             out[u] = v
         full = sum(len(alive[u]) for u in units) * n
         self.last = {}
-        self.last_cost = ScoringCost(images=n, prefix_macs=sc.prefix_macs, prefix_seconds=prefix_s,
+        self.last_cost = ScoringCost(images=n, prefix_macs=sc.prefix_macs,
+                                     prefix_seconds=state["prefix"],
                                      seconds=time.perf_counter() - t_start,
                                      threads=torch.get_num_threads(),
                                      units=[costs[u] for u in units if u in costs])
@@ -237,7 +289,8 @@ class CAR:
                             "exact": int(sum(int((~out[u].isnan()).sum()) for u in units)),
                             "channels": sum(len(alive[u]) for u in units),
                             "wrong": cut, "blocks": len(order),
-                            "promoted": sum(len(finished[u]) - len(lead[u]) for u in units)}
+                            "promoted": sum(len(finished[u]) - len(lead[u]) for u in units),
+                            "recounted": int(recounted)}
         return out
 
     def _search_margins(self, model: nn.Module, sc: Any) -> np.ndarray:

@@ -89,11 +89,15 @@ class _ZeroChannels(nn.Module):
 
 def _mask_channels(v: torch.Tensor, drop: torch.Tensor) -> torch.Tensor:
     """`v` ([R, C, ...], or [R, C * block]) with channel c of row r zeroed where drop[r, c]
-    (in v's own memory format)."""
+    (in v's own memory format). A product with the 0/1 keep mask: the same values as writing
+    zeros wherever v is finite (a zeroed channel then feeds the next layer +-0, which adds
+    nothing), and 3.3x faster than torch.where on ResNet-20's channels_last maps (measured
+    [64, 16, 32, 32], 2 threads; an out-of-place masked_fill also returns NCHW)."""
     r, c = drop.shape
-    if v.shape[1] == c:   # (an out-of-place masked_fill would return NCHW: torch.where does not)
-        return torch.where(drop.view(r, c, *([1] * (v.dim() - 2))), 0, v)
-    return v.reshape(r, c, -1).masked_fill(drop.unsqueeze(-1), 0).reshape(v.shape)
+    keep = (~drop).to(v.dtype)
+    if v.shape[1] == c:
+        return v * keep.view(r, c, *([1] * (v.dim() - 2)))
+    return (v.reshape(r, c, -1) * keep.unsqueeze(-1)).reshape(v.shape)
 
 
 def _module_name(unit: str, site: str) -> str:
@@ -729,8 +733,13 @@ class UnitScoring:
                                        ("placeholder", "output", "get_attr")],
                                       [by_name[n] for n in self.wanted],
                                       placeholders_from_inputs=False)
-        fold_conv_bn(self.shared, fold_cache)
-        self._network = gm   # the whole network, removals applied (`likely_correct`)
+        # both run over every image in each round of a search: BatchNorm folded, oneDNN
+        # convolutions fused with their ReLU / residual add (`fold.fuse_conv_pointwise`;
+        # ResNet-20, 1,000 images, 2 threads: `margins` 0.46 -> 0.30 s, `keep` 0.65 -> 0.52 s)
+        fuse_conv_pointwise(fold_conv_bn(self.shared, fold_cache))
+        # the whole network, removals applied (`margins`)
+        self._network = fuse_conv_pointwise(fold_conv_bn(
+            fx.GraphModule(gm, copy.deepcopy(gm.graph)), fold_cache))
         self.lead = lead = scorers[0]
         self.indices = lead.indices
         self.metric = lead.metric
@@ -816,7 +825,7 @@ class UnitScoring:
 
     def margins(self, indices: Sequence[int] | np.ndarray | None = None) -> np.ndarray:
         """float64 per image of `indices` (default `self.indices`): how far the network
-        (removals applied, BatchNorm unfolded) is from changing its top-k verdict: the label's
+        (removals applied, BatchNorm folded) is from changing its top-k verdict: the label's
         output minus the k-th largest other output (> 0: the label is in the top k). A plain
         forward, for ORDERING images only: the engine's counts may differ on a borderline image."""
         idx = self.indices if indices is None else np.asarray(indices, dtype=np.int64)
