@@ -234,6 +234,18 @@ def test_kept_prefix_gives_the_counts_of_fresh_runs(resnet20, analysis, cifar_te
     assert bool(sc._kept.chunks["conv1"].known.all())
     small = UnitScoring(resnet20, cifar_test, names, **{**kw, "memory_budget": "8MiB"})
     assert small.keep(order) == 0.0 and small._kept is None
+    # room beside the prefix for the largest chunk alone: the smaller ones are kept instead
+    # (the most units), and the counts are those of fresh runs
+    n = len(order)
+    by_size = sorted(names, key=lambda u: sc._chunk_bytes[u])
+    assert sum(sc._chunk_bytes[u] for u in by_size[:-1]) < sc._chunk_bytes[by_size[-1]]
+    half = (sc._live_bytes + sc._chunk_bytes[by_size[-1]]) * n
+    part = UnitScoring(resnet20, cifar_test, names, **{**kw, "memory_budget": 2 * half + 2})
+    part.keep(order)
+    assert part._kept.fit == set(by_size[:-1])
+    got, ref = part.run(order[40:110], chans), fresh.run(order[40:110], chans)
+    assert all(torch.equal(got[u].counts, ref[u].counts) for u in names)
+    assert set(part._kept.chunks) == set(by_size[:-1])
     # the channel masks inside the tails keep channels_last, zero what masked_fill zeroes and
     # leave the rest as it is (a NaN in a kept channel too)
     v = torch.randn(6, 16, 5, 5).contiguous(memory_format=torch.channels_last)

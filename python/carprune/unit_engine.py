@@ -750,7 +750,11 @@ class UnitScoring:
                                if lay.name in prefix_modules)
         rec = _SizeRecorder(self.shared)
         with torch.no_grad():
-            live1 = dict(zip(self.wanted, rec.run(x), strict=True))
+            # in the formats `keep` holds them in (a unit's chunk copies what is in another)
+            live1 = {name: v.contiguous(memory_format=torch.channels_last)
+                     if cl and v.dim() == 4 else v.contiguous()
+                     for name, v, cl in zip(self.wanted, rec.run(x), self._channels_last(),
+                                            strict=True)}
             self._chunk_bytes = {s.unit.name: _chunk_bytes(s, live1, y1) for s in scorers}
         budget = parse_bytes(memory_budget)
         self._live_bytes = sum(_bytes_per_row(t) for t in live1.values())
@@ -767,7 +771,8 @@ class UnitScoring:
         tensors; later `run` calls on a contiguous stretch of `order` read views of it instead of
         running the prefix again, and each unit's chunk over all of `order` (its consumer's
         pre-activation, its zero-channel flags, the unablated outputs found so far) is built on
-        first use and kept too while the budget allows. Exact: the same tensors, computed once.
+        first use and kept too, for as many units as fit (the smallest chunks first). Exact: the
+        same tensors, computed once.
         (`importance.CAR.search` keeps its images in its block order: a round scores the same
         images many times, a few channels at a time.) Returns the prefix seconds (0 when nothing
         is kept)."""
@@ -778,18 +783,29 @@ class UnitScoring:
             return 0.0
         t0 = time.perf_counter()
         with torch.no_grad():
-            # kept in channels_last where a oneDNN tail reads it (rows gathered from it keep it,
-            # `_gather_rows`); never a fused consumer's input (`_ops.ablate_conv` reads NCHW)
-            scorers = self.scorers.values()
-            nchw = {s.split.live[0] for s in scorers if s.fused is not None}
-            nhwc = {name for s in scorers if reads_channels_last(s.split.tail)
-                    for name in s.split.live} - nchw
             vals, y = self.lead._prefix_values(self.shared, idx, self.prefix_rows,
-                                               [name in nhwc for name in self.wanted])
+                                               self._channels_last())
+        # the units whose chunks fit beside it, smallest first: rebuilding a chunk costs about
+        # the same per image for every unit (one consumer convolution), so the most units
+        spare = self._budget // 2 - self._live_bytes * n
+        fit = set()
+        for name in sorted(self.scorers, key=lambda u: self._chunk_bytes[u]):
+            if self._chunk_bytes[name] * n <= spare:
+                fit.add(name)
+                spare -= self._chunk_bytes[name] * n
         self._kept = _Kept(order=idx, where={int(i): p for p, i in enumerate(idx)},
-                           values=dict(zip(self.wanted, vals, strict=True)), labels=y,
-                           spare=self._budget // 2 - self._live_bytes * n)
+                           values=dict(zip(self.wanted, vals, strict=True)), labels=y, fit=fit)
         return time.perf_counter() - t0
+
+    def _channels_last(self) -> list[bool]:
+        """Per shared prefix tensor (`wanted` order), whether `keep` holds it in channels_last:
+        where a oneDNN tail reads it (rows gathered from it keep it, `_gather_rows`), never a
+        fused consumer's input (`_ops.ablate_conv` reads NCHW)."""
+        scorers = self.scorers.values()
+        nchw = {s.split.live[0] for s in scorers if s.fused is not None}
+        nhwc = {name for s in scorers if reads_channels_last(s.split.tail)
+                for name in s.split.live} - nchw
+        return [name in nhwc for name in self.wanted]
 
     def _span(self, idx: np.ndarray) -> tuple[int, int] | None:
         """(p0, p1) when images `idx` are kept[p0:p1], else None."""
@@ -806,14 +822,12 @@ class UnitScoring:
         """Unit `s`'s chunk of kept images p0:p1 (views of its chunk over all kept images,
         built on first use), or None when its chunk does not fit in what the budget has left."""
         k = self._kept
+        if s.unit.name not in k.fit:
+            return None
         ch = k.chunks.get(s.unit.name)
         if ch is None:
-            need = self._chunk_bytes[s.unit.name] * len(k.order)
-            if need > k.spare:
-                return None
             ch = s._chunk_from([k.values[n] for n in s.split.live], k.labels)
             ch.known = torch.zeros(len(k.order), dtype=torch.bool)
-            k.spare -= need
             k.chunks[s.unit.name] = ch
         return _Chunk(labels=ch.labels[p0:p1], a=None if ch.a is None else ch.a[p0:p1],
                       z=None if ch.z is None else ch.z[p0:p1],
@@ -921,14 +935,14 @@ class UnitScoring:
 @dataclass
 class _Kept:
     """What `UnitScoring.keep` holds: the images in their kept order, each image's position,
-    the shared prefix's tensors and labels over them, per unit its chunk over all of them, and
-    the bytes of the budget's half still free for more units' chunks."""
+    the shared prefix's tensors and labels over them, the units whose chunks over all of them
+    fit in the budget's half, and those chunks (built on first use)."""
 
     order: np.ndarray
     where: dict[int, int]
     values: dict[str, torch.Tensor]
     labels: torch.Tensor
-    spare: int
+    fit: set[str]
     chunks: dict[str, _Chunk] = field(default_factory=dict)
 
 
