@@ -191,7 +191,7 @@ class CAR:
         channels proven not to be; the same choices as ranking `self(...)`, for less work.
 
         `rank(unit, channel, value)` is the sort key of a channel with importance `value`; it
-        must not decrease when `value` grows. The bound is exact, not statistical: a top-k
+        must not decrease when `value` grows. The bound is not statistical (see MARGIN_SLACK): a top-k
         count is a sum over images of base - ablated, each term -1, 0 or +1, and an image the
         unablated network gets wrong can only add 0 or -1. The images are ordered by their margin in a plain
         forward: those the network gets wrong first, then the rest, nearest to flipping first,
