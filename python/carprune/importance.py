@@ -69,6 +69,11 @@ def _count_value(count: int, scale: float, n: int) -> float:
     return float(torch.tensor(count, dtype=torch.int64).double() / (scale * max(1, n)))
 
 
+def _after(per_block: np.ndarray) -> np.ndarray:
+    """[t]: the sum of `per_block` over the blocks after block t."""
+    return np.concatenate([np.cumsum(per_block[::-1])[::-1][1:], [0]])
+
+
 def _bound_search(run: Callable[[np.ndarray, dict[str, list[int]]], dict[str, BlockSums]],
                   order: list[np.ndarray], alive: dict[str, list[int]],
                   later: dict[str, np.ndarray], rank: Callable[[str, int, float], Any], n: int,
@@ -78,11 +83,12 @@ def _bound_search(run: Callable[[np.ndarray, dict[str, list[int]]], dict[str, Bl
     unablated network gets wrong in blocks t + 1 onwards. Returns per unit the partial counts,
     the blocks scored, the leaders and the channels scored to the end; None as soon as a block
     scored shows a unit getting more images wrong than `near` (per block, what `later` was
-    built from) allows, from block 2 on (the bound's blocks)."""
+    built from) allows, from the first block the bound uses on."""
     units = list(alive)
     pos = {u: {c: j for j, c in enumerate(alive[u])} for u in units}
     part = {u: torch.zeros(len(alive[u]), dtype=torch.int64) for u in units}
     seen = {u: torch.zeros(len(alive[u]), dtype=torch.int64) for u in units}
+    first = min(2, len(order))   # every channel is scored on these blocks
 
     def add(t: int, chans: dict[str, list[int]], until: int | None = None) -> bool:
         """Score `chans` on blocks t .. until - 1 (default: block t alone) in one run; False
@@ -97,14 +103,13 @@ def _bound_search(run: Callable[[np.ndarray, dict[str, list[int]]], dict[str, Bl
             j = torch.tensor([pos[u][c] for c in got.filters], dtype=torch.int64)
             part[u][j] += got.base - got.correct
             seen[u][j] += len(ts)
-            if near is not None and t >= 2 and len(block) - got.base > int(near[ts].sum()):
+            if near is not None and t >= first and len(block) - got.base > int(near[ts].sum()):
                 ok = False
         return ok
 
     def key(u: str, j: int, count: int) -> Any:
         return rank(u, alive[u][j], _count_value(count, state["scale"], n))
 
-    first = min(2, len(order))
     for t in range(first):
         add(t, {u: list(alive[u]) for u in units})
     # the candidates ranked best so far, scored to the end: they fix the threshold
@@ -255,7 +260,7 @@ class CAR:
                     costs[c.unit] = c
             return sums
 
-        later = {u: np.concatenate([np.cumsum(near[::-1])[::-1][1:], [0]]) for u in units}
+        later = {u: _after(near) for u in units}
         found = _bound_search(run, order, alive, later, rank, n, picks, promote, near, state)
         recounted = found is None
         if recounted:
@@ -266,8 +271,7 @@ class CAR:
             for t, block in enumerate(order):
                 for u, got in run(block, {u: [] for u in units}).items():
                     wrong[u][t] = len(block) - got.base
-            later = {u: np.concatenate([np.cumsum(w[::-1])[::-1][1:], [0]])
-                     for u, w in wrong.items()}
+            later = {u: _after(w) for u, w in wrong.items()}
             found = _bound_search(run, order, alive, later, rank, n, picks, promote, None, state)
         part, seen, lead, finished = found
         out = {}

@@ -820,7 +820,7 @@ class UnitScoring:
 
     def _kept_chunk(self, s: UnitScorer, p0: int, p1: int) -> _Chunk | None:
         """Unit `s`'s chunk of kept images p0:p1 (views of its chunk over all kept images,
-        built on first use), or None when its chunk does not fit in what the budget has left."""
+        built on first use), or None when `keep` did not plan room for it."""
         k = self._kept
         if s.unit.name not in k.fit:
             return None
