@@ -342,8 +342,10 @@ class LayerScorer:
         z = None
         if self.fused is not None:
             c = self.fused.conv
-            z = F.conv2d(a, self._w, self._b, c.stride, c.padding, c.dilation).contiguous(
-                memory_format=self._z_format)
+            # from `a` in Z's format: oneDNN's channels_last kernels, 1.6-4x faster than the
+            # NCHW ones on narrow layers (ResNet-20 layer1/2 consumers, 1,000 images, 2 threads)
+            z = F.conv2d(a.contiguous(memory_format=self._z_format), self._w, self._b,
+                         c.stride, c.padding, c.dilation).contiguous(memory_format=self._z_format)
         alive = None
         if self.zero_skip and self.head is None:
             alive = _nonzero_channels(a)
