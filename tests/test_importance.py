@@ -89,6 +89,58 @@ def test_search_counts_wrong_images_exactly_when_the_order_misleads(resnet20, ci
     assert _check_search(found, full, rank, units, 1) > 0
 
 
+def test_kept_buffers_are_reused_and_change_no_value(resnet20, cifar_test):
+    """`search(..., keep_buffers=True)` hands the next search the last one's large tensors, as
+    they are (here filled with NaN): on the full network and then on one with a layer1 channel
+    and a layer3 channel removed (some shapes change, most do not), every value equals that of
+    a search without buffers, NaNs in the same places."""
+    import carprune as cp
+
+    data = cifar_test.sample(100, seed=3)
+    x, _ = data.batch(slice(0, 1))
+    an = prunable_units(resnet20, x)
+    pruned = cp.prune_units(resnet20, {"layer1.1.conv1": [4], "layer3.0.conv1": [7]}, x,
+                            analysis=an).eval()
+    car = importance.CAR(data)
+    for model in (resnet20, pruned):
+        an, units, rank = _ranked(model, data)
+        ref = importance.CAR(data)
+        fresh = ref.search(model, an, units, rank)
+        kept = car.search(model, an, units, rank, keep_buffers=True)
+        for u in units:
+            assert torch.equal(kept[u].nan_to_num(-7.0), fresh[u].nan_to_num(-7.0)), u
+        # the same pairs run (an image's channels are skipped where its kept `a` is zero)
+        assert [(c.unit, c.pairs, c.pairs_run) for c in car.last_cost.units] == \
+            [(c.unit, c.pairs, c.pairs_run) for c in ref.last_cost.units]
+        for t in (t for ts in car._buffers._free.values() for t in ts):
+            t.fill_(float("nan"))   # what the next search must overwrite wherever it reads
+    free = car._buffers._free
+    assert sum(len(v) for v in free.values()) >= 5   # the kept prefix and Zs, for the next one
+    car.release_buffers()
+    assert car._buffers is None
+
+
+def test_buffer_pool_hands_back_what_it_took_back():
+    from carprune.engine import BufferPool
+
+    pool = BufferPool()
+    cpu = torch.device("cpu")
+    a = pool.empty((4, 3, 8, 8), dtype=torch.float32, device=cpu,
+                   memory_format=torch.channels_last)
+    b = pool.empty((4, 3, 8, 8), dtype=torch.float32, device=cpu)
+    assert a.is_contiguous(memory_format=torch.channels_last) and not b.is_contiguous(
+        memory_format=torch.channels_last) and a.data_ptr() != b.data_ptr()
+    pool.reclaim()
+    # the same key gets the same storage back; another format or shape does not
+    assert pool.empty((4, 3, 8, 8), dtype=torch.float32, device=cpu,
+                      memory_format=torch.channels_last).data_ptr() == a.data_ptr()
+    assert pool.empty((4, 3, 8, 9), dtype=torch.float32, device=cpu).data_ptr() not in (
+        a.data_ptr(), b.data_ptr())
+    pool.reclaim()   # b was not asked for again: let go of
+    assert sum(len(v) for v in pool._free.values()) == 2
+    assert all(t.data_ptr() != b.data_ptr() for v in pool._free.values() for t in v)
+
+
 def test_promotion_tightens_the_threshold_exactly(resnet20, cifar_test):
     """On these 300 images the first estimate picks leaders whose best exact value is a weak
     threshold (141 channels are scored to the end without promotion): promoting the most

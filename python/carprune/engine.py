@@ -79,6 +79,50 @@ def parse_bytes(value: int | str | None) -> int:
     return n
 
 
+class BufferPool:
+    """Large tensors handed out by shape, dtype, device and memory format and taken back, for a
+    caller that builds the same tensors again and again (`importance.CAR.search`, once per greedy
+    round: the kept prefix and each fused unit's Z). Fresh memory costs a zero-filled page per 4
+    KiB on first touch: about 1 GB and 0.3-0.7 s per ResNet-20 round on 2 threads, and none of
+    it when the last round's tensors are reused. What is handed out is uninitialised (callers
+    overwrite it whole) and must not be used after `reclaim`."""
+
+    def __init__(self) -> None:
+        self._free: dict[tuple, list[torch.Tensor]] = {}
+        self._lent: list[tuple[tuple, torch.Tensor]] = []
+
+    def empty(self, shape: Sequence[int], *, dtype: torch.dtype, device: torch.device,
+              memory_format: torch.memory_format = torch.contiguous_format) -> torch.Tensor:
+        """An uninitialised tensor: one taken back earlier with the same key, else a new one."""
+        key = (tuple(int(d) for d in shape), dtype, torch.device(device), memory_format)
+        free = self._free.get(key)
+        t = free.pop() if free else torch.empty(key[0], dtype=dtype, device=device,
+                                                memory_format=memory_format)
+        self._lent.append((key, t))
+        return t
+
+    def reclaim(self) -> None:
+        """Takes back everything handed out since the last call, for the next requests, and
+        lets go of what was free and not asked for again (so it holds one round at most)."""
+        free: dict[tuple, list[torch.Tensor]] = {}
+        for key, t in self._lent:
+            free.setdefault(key, []).append(t)
+        self._free, self._lent = free, []
+
+    def clear(self) -> None:
+        """Lets go of everything."""
+        self._free, self._lent = {}, []
+
+
+def _empty(pool: BufferPool | None, shape: Sequence[int], *, dtype: torch.dtype,
+           device: torch.device, memory_format: torch.memory_format = torch.contiguous_format
+           ) -> torch.Tensor:
+    """`pool.empty(...)`, or a fresh tensor without a pool."""
+    if pool is not None:
+        return pool.empty(shape, dtype=dtype, device=device, memory_format=memory_format)
+    return torch.empty(tuple(shape), dtype=dtype, device=device, memory_format=memory_format)
+
+
 def _bytes_per_row(t: object) -> int:
     if isinstance(t, torch.Tensor) and t.dim() > 0:
         return t[0].numel() * t.element_size() if t.shape[0] else 0
@@ -329,7 +373,8 @@ class LayerScorer:
         return self._make_chunk(list(live), labels)
 
     # -- chunks ------------------------------------------------------------------------------
-    def _make_chunk(self, live: list[torch.Tensor], labels: torch.Tensor) -> _Chunk:
+    def _make_chunk(self, live: list[torch.Tensor], labels: torch.Tensor,
+                    pool: BufferPool | None = None) -> _Chunk:
         a = live[0]
         others = dict(zip(self.split.live[1:], live[1:], strict=True))
         if self.removed or any(t.untyped_storage().data_ptr() == a.untyped_storage().data_ptr()
@@ -341,23 +386,36 @@ class LayerScorer:
             a[:, self.removed] = 0
         z = None
         if self.fused is not None:
-            c = self.fused.conv
-            # from `a` in Z's format: oneDNN's channels_last kernels, 1.6-4x faster than the
-            # NCHW ones on narrow layers (ResNet-20 layer1/2 consumers, 1,000 images, 2 threads)
-            z = F.conv2d(a.contiguous(memory_format=self._z_format), self._w, self._b,
-                         c.stride, c.padding, c.dilation).contiguous(memory_format=self._z_format)
+            z = self._consumer_z(a, pool)
         alive = None
         if self.zero_skip and self.head is None:
             alive = _nonzero_channels(a)
         return _Chunk(labels=labels, a=a.contiguous(), z=z, others=others, alive=alive)
 
+    def _consumer_z(self, a: torch.Tensor, pool: BufferPool | None = None) -> torch.Tensor:
+        """The fused consumer's pre-activation Z of `a` (all its images) in `_z_format`, from
+        `a` in that format (oneDNN's channels_last kernels: 1.6-4x faster than the NCHW ones on
+        ResNet-20's narrow consumers), in calls of about TARGET_CALL_BYTES of output (per image
+        1.7-1.9x faster than one call over 1,000 images there, 2 threads) written into one
+        tensor (from `pool` when given)."""
+        c = self.fused.conv
+        hw = [(a.shape[2 + i] + 2 * c.padding[i] - c.dilation[i] * (c.kernel_size[i] - 1) - 1)
+              // c.stride[i] + 1 for i in range(2)]
+        z = _empty(pool, (a.shape[0], c.out_channels, *hw), dtype=a.dtype,
+                   device=a.device, memory_format=self._z_format)
+        step = max(1, TARGET_CALL_BYTES // max(1, _bytes_per_row(z)))
+        for s in range(0, a.shape[0], step):
+            z[s:s + step] = F.conv2d(a[s:s + step].contiguous(memory_format=self._z_format),
+                                     self._w, self._b, c.stride, c.padding, c.dilation)
+        return z
+
     def _prefix_values(self, prefix: fx.GraphModule, idx: np.ndarray, rows: int | None = None,
-                       channels_last: Sequence[bool] = ()) -> tuple[list[torch.Tensor],
-                                                                    torch.Tensor]:
+                       channels_last: Sequence[bool] = (), pool: BufferPool | None = None
+                       ) -> tuple[list[torch.Tensor], torch.Tensor]:
         """`prefix` (a graph returning a tuple of tensors) over images `idx`, in calls of `rows`
         (default `prefix_rows`) written straight into chunk-sized tensors (no list of parts and
         no concatenation holding the chunk twice; the k-th in channels_last if 4-D and
-        channels_last[k]); with the images' labels."""
+        channels_last[k]; from `pool` when given); with the images' labels."""
         live: list[torch.Tensor] = []
         labels = []
         rows = rows or self.prefix_rows
@@ -370,9 +428,9 @@ class LayerScorer:
                                  f"({str(exc).splitlines()[0]})") from exc
             if not live:
                 nhwc = list(channels_last) + [False] * (len(outs) - len(channels_last))
-                live = [torch.empty((len(idx), *t.shape[1:]), dtype=t.dtype, device=t.device,
-                                    memory_format=torch.channels_last if cl and t.dim() == 4
-                                    else torch.contiguous_format)
+                live = [_empty(pool, (len(idx), *t.shape[1:]), dtype=t.dtype, device=t.device,
+                               memory_format=torch.channels_last if cl and t.dim() == 4
+                               else torch.contiguous_format)
                         for t, cl in zip(outs, nhwc, strict=True)]
             for dst, t in zip(live, outs, strict=True):
                 dst[s:s + len(y)].copy_(t)
@@ -380,13 +438,15 @@ class LayerScorer:
             del x, outs
         return live, torch.cat(labels)
 
-    def _chunk_from(self, live: list[torch.Tensor], y: torch.Tensor) -> _Chunk:
-        """A chunk from the prefix outputs `live` (in `split.live` order) of images labelled `y`."""
+    def _chunk_from(self, live: list[torch.Tensor], y: torch.Tensor,
+                    pool: BufferPool | None = None) -> _Chunk:
+        """A chunk from the prefix outputs `live` (in `split.live` order) of images labelled `y`
+        (its large tensors from `pool` when given)."""
         if self.bound.grouping.kind == "class" and y.numel() and (
                 int(y.min()) < 0 or int(y.max()) >= self.num_outputs):
             raise ValueError(f"labels must lie in [0, {self.num_outputs}) for a model with "
                              f"{self.num_outputs} outputs, got [{int(y.min())}, {int(y.max())}]")
-        chunk = self._make_chunk(live, y)
+        chunk = self._make_chunk(live, y, pool)
         chunk.groups = self.bound.grouping.assign(y)
         return chunk
 

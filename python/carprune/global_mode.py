@@ -44,7 +44,7 @@ from .callbacks import Callbacks, Event, stop_point
 from .data.batches import DataLike, load_batch
 from .evaluate import metric_value
 from .greedy import CompressionResult, compress_layer
-from .importance import Importance, get_importance
+from .importance import CAR, Importance, get_importance
 from .io import fingerprint, read_json, same_run, write_json
 from .results import PrunedModelResult
 from .units import UnitAnalysis, prunable_units
@@ -315,96 +315,102 @@ def compress_global(
     stopped = ""
     static: dict[str, torch.Tensor] | None = None   # criteria that never change: scored once
     current: nn.Module | None = None                # the pruned network for `removed`
-    while True:
-        flops = analysis.cost(removed)[0]
-        if target is not None and flops <= target:
-            stopped = f"FLOPs {flops:,} reached the target {target:,.0f}"
-            break
-        t0 = time.perf_counter()
-        if current is None:       # the network as the last accepted round left it
-            current = _current_model(model, analysis, removed, x)
-        cur_an = prunable_units(current, x)
-        alive = {u: [c for c in range(analysis.unit(u).num_channels) if c not in set(removed[u])]
-                 for u in names}
-        cand_units = [u for u in names if len(alive[u]) > min_channels]
-        if not cand_units:
-            stopped = f"no unit has more than min_channels={min_channels} channels left"
-            break
-        ts = time.perf_counter()
-        saved_now = {u: analysis.saved_flops(u, removed) for u in cand_units}
-
-        def rank(u: str, c: int, val: float, saved_now: dict = saved_now,
-                 alive: dict = alive) -> tuple:
-            """The order of the round (lowest first): see the module docstring."""
-            return (rank_key(val, saved_now[u], cost_aware), names.index(u), alive[u][c])
-
-        searched: dict = {}
-        if imp.rescore and search and hasattr(imp, "search"):
-            values = imp.search(current, cur_an, cand_units, rank, picks=per_round)
-            searched = getattr(imp, "last_search", None) or {}
-        elif imp.rescore or static is None:
-            values = imp(current, cur_an, cand_units)
-            if not imp.rescore:
-                # current numbering -> original channel numbers, kept for later rounds
-                static = {u: dict(zip(alive[u], v.tolist(), strict=True)) for u, v in values.items()}
-        else:
-            values = {u: torch.tensor([static[u][c] for c in alive[u]], dtype=torch.float64)
-                      for u in cand_units}
-        score_s = time.perf_counter() - ts
-        cands = []
-        for u in cand_units:
-            for j, c in enumerate(alive[u]):
-                val = float(values[u][j])
-                if val != val:   # NaN: proven not to be chosen this round (the search)
-                    continue
-                cands.append((rank(u, j, val), c, u, val))
-        cands.sort()
-        chosen: list[RemovedChannel] = []
-        trial = {u: list(c) for u, c in removed.items()}
-        for _rank, c, u, value in cands:
-            if imp.rescore and any(r.unit == u for r in chosen):
-                continue            # re-scored criteria: at most one channel per unit per round
-            if len(alive[u]) - len(trial[u]) + len(removed[u]) <= min_channels:
-                continue
-            saved = analysis.saved_flops(u, trial)
-            trial[u].append(c)
-            chosen.append(RemovedChannel(u, c, value, saved))
-            if (imp.rescore and len(chosen) >= per_round) or (
-                    target is not None and analysis.cost(trial)[0] <= target):
+    try:
+        while True:
+            flops = analysis.cost(removed)[0]
+            if target is not None and flops <= target:
+                stopped = f"FLOPs {flops:,} reached the target {target:,.0f}"
                 break
-        after = _current_model(model, analysis, trial, x)
-        acc_s, acc_h = evaluate(after)
-        acc = acc_h if acc_h is not None else acc_s
-        base_acc = base_h if base_h is not None else base_s
-        if max_drop is not None and not (
-                acc >= (1 - max_drop) * base_acc if higher else acc <= (1 + max_drop) * base_acc):
-            stopped = (f"round {len(trajectory) + 1} would take {metric_name} from {base_acc:.4f} "
-                       f"to {acc:.4f}, beyond the relative max_drop={max_drop}; it was undone")
-            break
-        removed, current = trial, after
-        cost = getattr(imp, "last_cost", None) if imp.rescore else None
-        fl, _ = analysis.cost(removed)
-        rnd = GlobalRound(len(trajectory) + 1, chosen, fl, analysis.total_params(removed), acc_s,
-                          acc_h, time.perf_counter() - t0, score_s,
-                          sum(c.pairs for c in cost.units) if cost else 0,
-                          sum(c.pairs_run for c in cost.units) if cost else 0,
-                          float(cost.tail_flops) if cost else 0.0,
-                          float(cost.tail_seconds) if cost else 0.0,
-                          searched.get("full_pairs", sum(c.pairs for c in cost.units))
-                          if cost else 0,
-                          sum(c.screened for c in cost.units) if cost else 0,
-                          sum(c.rechecked for c in cost.units) if cost else 0)
-        trajectory.append(rnd)
-        if ckpt is not None:
-            write_json(ckpt, {"fingerprint": fp, "config": config,
-                              "trajectory": [asdict(r) for r in trajectory]})
-        if cb is not None:
-            cb.on_event(Event("global", rnd.round, (
-                f"round {rnd.round}: removed " + ", ".join(f"{r.unit}[{r.channel}]" for r in chosen)
-                + f"; FLOPs {fl / base_flops:.3f} of the original; {metric_name} {rnd.accuracy:.4f}"),
-                data={"flops": fl, "params": rnd.params, "accuracy": rnd.accuracy,
-                      "removed": [asdict(r) for r in chosen], "seconds": rnd.seconds}))
-        stop_point(cb, f"global round {rnd.round}")
+            t0 = time.perf_counter()
+            if current is None:       # the network as the last accepted round left it
+                current = _current_model(model, analysis, removed, x)
+            cur_an = prunable_units(current, x)
+            alive = {u: [c for c in range(analysis.unit(u).num_channels) if c not in set(removed[u])]
+                     for u in names}
+            cand_units = [u for u in names if len(alive[u]) > min_channels]
+            if not cand_units:
+                stopped = f"no unit has more than min_channels={min_channels} channels left"
+                break
+            ts = time.perf_counter()
+            saved_now = {u: analysis.saved_flops(u, removed) for u in cand_units}
+
+            def rank(u: str, c: int, val: float, saved_now: dict = saved_now,
+                     alive: dict = alive) -> tuple:
+                """The order of the round (lowest first): see the module docstring."""
+                return (rank_key(val, saved_now[u], cost_aware), names.index(u), alive[u][c])
+
+            searched: dict = {}
+            if imp.rescore and search and hasattr(imp, "search"):
+                # CAR reuses the last round's large tensors (released after the loop)
+                reuse = {"keep_buffers": True} if isinstance(imp, CAR) else {}
+                values = imp.search(current, cur_an, cand_units, rank, picks=per_round, **reuse)
+                searched = getattr(imp, "last_search", None) or {}
+            elif imp.rescore or static is None:
+                values = imp(current, cur_an, cand_units)
+                if not imp.rescore:
+                    # current numbering -> original channel numbers, kept for later rounds
+                    static = {u: dict(zip(alive[u], v.tolist(), strict=True)) for u, v in values.items()}
+            else:
+                values = {u: torch.tensor([static[u][c] for c in alive[u]], dtype=torch.float64)
+                          for u in cand_units}
+            score_s = time.perf_counter() - ts
+            cands = []
+            for u in cand_units:
+                for j, c in enumerate(alive[u]):
+                    val = float(values[u][j])
+                    if val != val:   # NaN: proven not to be chosen this round (the search)
+                        continue
+                    cands.append((rank(u, j, val), c, u, val))
+            cands.sort()
+            chosen: list[RemovedChannel] = []
+            trial = {u: list(c) for u, c in removed.items()}
+            for _rank, c, u, value in cands:
+                if imp.rescore and any(r.unit == u for r in chosen):
+                    continue            # re-scored criteria: at most one channel per unit per round
+                if len(alive[u]) - len(trial[u]) + len(removed[u]) <= min_channels:
+                    continue
+                saved = analysis.saved_flops(u, trial)
+                trial[u].append(c)
+                chosen.append(RemovedChannel(u, c, value, saved))
+                if (imp.rescore and len(chosen) >= per_round) or (
+                        target is not None and analysis.cost(trial)[0] <= target):
+                    break
+            after = _current_model(model, analysis, trial, x)
+            acc_s, acc_h = evaluate(after)
+            acc = acc_h if acc_h is not None else acc_s
+            base_acc = base_h if base_h is not None else base_s
+            if max_drop is not None and not (
+                    acc >= (1 - max_drop) * base_acc if higher else acc <= (1 + max_drop) * base_acc):
+                stopped = (f"round {len(trajectory) + 1} would take {metric_name} from {base_acc:.4f} "
+                           f"to {acc:.4f}, beyond the relative max_drop={max_drop}; it was undone")
+                break
+            removed, current = trial, after
+            cost = getattr(imp, "last_cost", None) if imp.rescore else None
+            fl, _ = analysis.cost(removed)
+            rnd = GlobalRound(len(trajectory) + 1, chosen, fl, analysis.total_params(removed), acc_s,
+                              acc_h, time.perf_counter() - t0, score_s,
+                              sum(c.pairs for c in cost.units) if cost else 0,
+                              sum(c.pairs_run for c in cost.units) if cost else 0,
+                              float(cost.tail_flops) if cost else 0.0,
+                              float(cost.tail_seconds) if cost else 0.0,
+                              searched.get("full_pairs", sum(c.pairs for c in cost.units))
+                              if cost else 0,
+                              sum(c.screened for c in cost.units) if cost else 0,
+                              sum(c.rechecked for c in cost.units) if cost else 0)
+            trajectory.append(rnd)
+            if ckpt is not None:
+                write_json(ckpt, {"fingerprint": fp, "config": config,
+                                  "trajectory": [asdict(r) for r in trajectory]})
+            if cb is not None:
+                cb.on_event(Event("global", rnd.round, (
+                    f"round {rnd.round}: removed " + ", ".join(f"{r.unit}[{r.channel}]" for r in chosen)
+                    + f"; FLOPs {fl / base_flops:.3f} of the original; {metric_name} {rnd.accuracy:.4f}"),
+                    data={"flops": fl, "params": rnd.params, "accuracy": rnd.accuracy,
+                          "removed": [asdict(r) for r in chosen], "seconds": rnd.seconds}))
+            stop_point(cb, f"global round {rnd.round}")
+    finally:
+        if isinstance(imp, CAR):
+            imp.release_buffers()
     final = current if current is not None else _current_model(model, analysis, removed, x)
     return GlobalCompressionResult(
         units=names, criterion=imp.name, flops_target=flops_target, max_drop=max_drop,

@@ -31,6 +31,7 @@ from torch import nn
 
 from . import metrics
 from .data.batches import DataLike
+from .engine import BufferPool
 from .scores import LayerScores
 from .units import UnitAnalysis
 
@@ -177,6 +178,7 @@ class CAR:
         self.last: dict[str, LayerScores] = {}
         self.last_cost: Any = None
         self.last_search: dict[str, int] = {}
+        self._buffers: BufferPool | None = None   # `search(..., keep_buffers=True)`
 
     def __call__(self, model: nn.Module, analysis: UnitAnalysis, units: Sequence[str]
                  ) -> dict[str, torch.Tensor]:
@@ -190,7 +192,8 @@ class CAR:
 
     def search(self, model: nn.Module, analysis: UnitAnalysis, units: Sequence[str],
                rank: Callable[[str, int, float], Any], picks: int = 1,
-               blocks: int = 8, promote: int = 3) -> dict[str, torch.Tensor]:
+               blocks: int = 8, promote: int = 3, keep_buffers: bool = False
+               ) -> dict[str, torch.Tensor]:
         """Per unit, float64 [channels]: the exact CAR of every channel that can be among the
         first `picks` channels by `rank` (at most one per unit, lowest first), NaN for the
         channels proven not to be; the same choices as ranking `self(...)`, for less work.
@@ -218,16 +221,41 @@ class CAR:
         scored 103,681 image-ablations instead of 180,231 and took 21 s instead of 36 s; 0 turns
         it off). Metrics that are not top-k counts have no such bound: everything is scored
         (`self(...)`). The cost of all the runs is in `last_cost`, what the search saved in
-        `last_search`."""
-        from .unit_engine import ScoringCost, UnitCost, UnitScoring
+        `last_search`.
 
+        `keep_buffers`: the search's large tensors (the kept prefix, each fused unit's Z) stay
+        with this object for the next search, which reuses those of the same shape instead of
+        fresh memory (a greedy run's rounds build nearly the same ones; `release_buffers`
+        lets them go). Values are the same either way."""
         t_start = time.perf_counter()
         measure = metrics.get_metric(self.options["metric"], self.options.get("topk", 1))
         if not measure.exact_counts or not measure.higher_is_better:
             self.last_search = {}
             return self(model, analysis, units)
+        pool = None
+        if keep_buffers:
+            if self._buffers is None:
+                self._buffers = BufferPool()
+            pool = self._buffers
+        try:
+            return self._search(model, analysis, units, rank, picks, blocks, promote, pool,
+                                t_start)
+        finally:
+            if pool is not None:
+                pool.reclaim()
+
+    def release_buffers(self) -> None:
+        """Lets go of the tensors `search(..., keep_buffers=True)` kept."""
+        self._buffers = None
+
+    def _search(self, model: nn.Module, analysis: UnitAnalysis, units: Sequence[str],
+                rank: Callable[[str, int, float], Any], picks: int, blocks: int, promote: int,
+                pool: BufferPool | None, t_start: float) -> dict[str, torch.Tensor]:
+        """`search`'s work (its arguments; the tensors `keep` holds from `pool`)."""
+        from .unit_engine import ScoringCost, UnitCost, UnitScoring
+
         sc = UnitScoring(model, self.data, list(units), analysis=analysis,
-                         zero_skip=self.zero_skip, **self.options)
+                         zero_skip=self.zero_skip, pool=pool, **self.options)
         idx = sc.indices
         n = len(idx)
         margin = self._search_margins(model, sc)

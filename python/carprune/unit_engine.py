@@ -48,6 +48,7 @@ from .cost import CostReport, count_cost
 from .cost import gemm_gflops as gemm_measured
 from .data.batches import DataLike, load_batch, num_items, resolve
 from .engine import (
+    BufferPool,
     LayerScorer,
     _bytes_per_row,
     _Chunk,
@@ -360,9 +361,10 @@ class UnitScorer(LayerScorer):
         if self._as_layer:
             super()._check_live(live)
 
-    def _make_chunk(self, live: list[torch.Tensor], labels: torch.Tensor) -> _Chunk:
+    def _make_chunk(self, live: list[torch.Tensor], labels: torch.Tensor,
+                    pool: BufferPool | None = None) -> _Chunk:
         if self._as_layer:
-            return super()._make_chunk(live, labels)
+            return super()._make_chunk(live, labels, pool)
         others = dict(zip(self.split.live, live, strict=True))
         alive = None
         if self.zero_skip:
@@ -682,7 +684,9 @@ class UnitScoring:
     of runs on disjoint image sets add up to the counts of one run on their union (what a
     search that drops candidates part-way relies on: `importance.CAR.search`).
 
-    `indices`: the seeded scoring images (`num_images`, `seed`); a run takes any of them."""
+    `indices`: the seeded scoring images (`num_images`, `seed`); a run takes any of them.
+    `pool` (`engine.BufferPool`): where `keep` takes its large tensors (the kept prefix, the
+    fused units' Z), lent until the pool's owner reclaims them after the last `run`."""
 
     def __init__(self, model: nn.Module, data: DataLike, units: Sequence[str] | None = None, *,
                  analysis: UnitAnalysis | None = None,
@@ -694,8 +698,9 @@ class UnitScoring:
                  bins: int | Sequence[float] | None = None,
                  classes: Sequence[str] | None = None, fused: bool = True,
                  fused_head: bool = True, zero_skip: bool = True, rows: int | None = None,
-                 screen: str | None = None) -> None:
+                 screen: str | None = None, pool: BufferPool | None = None) -> None:
         t0 = time.perf_counter()
+        self.pool = pool
         data = resolve(data)
         if analysis is None:
             from .data.batches import pick_indices
@@ -774,8 +779,9 @@ class UnitScoring:
         first use and kept too, for as many units as fit (the smallest chunks first). Exact: the
         same tensors, computed once.
         (`importance.CAR.search` keeps its images in its block order: a round scores the same
-        images many times, a few channels at a time.) Returns the prefix seconds (0 when nothing
-        is kept)."""
+        images many times, a few channels at a time.) The kept tensors and the fused units' Z
+        come from `pool` when there is one. Returns the prefix seconds (0 when nothing is
+        kept)."""
         idx = np.asarray(order, dtype=np.int64)
         n = len(idx)
         self._kept = None
@@ -784,7 +790,7 @@ class UnitScoring:
         t0 = time.perf_counter()
         with torch.no_grad():
             vals, y = self.lead._prefix_values(self.shared, idx, self.prefix_rows,
-                                               self._channels_last())
+                                               self._channels_last(), self.pool)
         # the units whose chunks fit beside it, smallest first: rebuilding a chunk costs about
         # the same per image for every unit (one consumer convolution), so the most units
         spare = self._budget // 2 - self._live_bytes * n
@@ -826,7 +832,7 @@ class UnitScoring:
             return None
         ch = k.chunks.get(s.unit.name)
         if ch is None:
-            ch = s._chunk_from([k.values[n] for n in s.split.live], k.labels)
+            ch = s._chunk_from([k.values[n] for n in s.split.live], k.labels, self.pool)
             ch.known = torch.zeros(len(k.order), dtype=torch.bool)
             k.chunks[s.unit.name] = ch
         return _Chunk(labels=ch.labels[p0:p1], a=None if ch.a is None else ch.a[p0:p1],
