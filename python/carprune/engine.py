@@ -394,10 +394,10 @@ class LayerScorer:
 
     def _consumer_z(self, a: torch.Tensor, pool: BufferPool | None = None) -> torch.Tensor:
         """The fused consumer's pre-activation Z of `a` (all its images) in `_z_format`, from
-        `a` in that format (oneDNN's channels_last kernels: 1.6-4x faster than the NCHW ones on
-        ResNet-20's narrow consumers), in calls of about TARGET_CALL_BYTES of output (per image
-        1.7-1.9x faster than one call over 1,000 images there, 2 threads) written into one
-        tensor (from `pool` when given)."""
+        `a` in that format (oneDNN's channels_last kernels: 1.4-1.7x faster than the NCHW ones on
+        ResNet-20's narrow 32 x 32 consumers at these call sizes), in calls of about
+        TARGET_CALL_BYTES of output (per image 1.6-1.8x faster than one call over 1,000 images
+        there, 2 threads) written into one tensor (from `pool` when given)."""
         c = self.fused.conv
         hw = [(a.shape[2 + i] + 2 * c.padding[i] - c.dilation[i] * (c.kernel_size[i] - 1) - 1)
               // c.stride[i] + 1 for i in range(2)]
