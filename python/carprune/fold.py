@@ -86,6 +86,14 @@ def _nhwc(v: object) -> object:
     return v
 
 
+def conv_out_shape(conv: nn.Conv2d, shape: tuple[int, ...] | torch.Size) -> tuple[int, ...]:
+    """[N, out_channels, H', W']: the output shape of 2-D `conv` (padding given as numbers) on an
+    input of shape [N, C, H, W]."""
+    hw = [(shape[2 + i] + 2 * conv.padding[i] - conv.dilation[i] * (conv.kernel_size[i] - 1)
+           - 1) // conv.stride[i] + 1 for i in range(2)]
+    return (shape[0], conv.out_channels, *hw)
+
+
 class PointwiseConv(nn.Conv2d):
     """`conv` (sharing its parameters) followed by `add` (the residual operand, same shape as the
     output) and/or ReLU, as one oneDNN call. Same values as the unfused ops up to float32
@@ -122,17 +130,12 @@ class PointwiseConv(nn.Conv2d):
             self._packed = (v, packed)
         return self._packed[1]
 
-    def _out_shape(self, x: torch.Tensor) -> tuple[int, ...]:
-        hw = [(x.shape[2 + i] + 2 * self.padding[i] - self.dilation[i] * (self.kernel_size[i] - 1)
-               - 1) // self.stride[i] + 1 for i in range(2)]
-        return (x.shape[0], self.out_channels, *hw)
-
     def forward(self, x: torch.Tensor, other: torch.Tensor | None = None) -> torch.Tensor:
         args = (list(self.padding), list(self.stride), list(self.dilation), self.groups)
         unary = "relu" if self.relu else None
         if other is None:
             return self._op(_nhwc(x), self._weight(x), self.bias, *args, unary or "none", [], "")
-        if tuple(other.shape) != self._out_shape(x) or other.dtype != x.dtype:
+        if tuple(other.shape) != conv_out_shape(self, x.shape) or other.dtype != x.dtype:
             # a broadcast operand (never in the graphs rewritten so far): the plain ops
             y = self._op(_nhwc(x), self._weight(x), self.bias, *args, "none", [], "") + other
             return y.relu() if self.relu else y

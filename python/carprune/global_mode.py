@@ -315,6 +315,7 @@ def compress_global(
     stopped = ""
     static: dict[str, torch.Tensor] | None = None   # criteria that never change: scored once
     current: nn.Module | None = None                # the pruned network for `removed`
+    reuse = isinstance(imp, CAR)   # its search keeps the last round's large tensors
     try:
         while True:
             flops = analysis.cost(removed)[0]
@@ -341,9 +342,8 @@ def compress_global(
 
             searched: dict = {}
             if imp.rescore and search and hasattr(imp, "search"):
-                # CAR reuses the last round's large tensors (released after the loop)
-                reuse = {"keep_buffers": True} if isinstance(imp, CAR) else {}
-                values = imp.search(current, cur_an, cand_units, rank, picks=per_round, **reuse)
+                values = imp.search(current, cur_an, cand_units, rank, picks=per_round,
+                                    **({"keep_buffers": True} if reuse else {}))
                 searched = getattr(imp, "last_search", None) or {}
             elif imp.rescore or static is None:
                 values = imp(current, cur_an, cand_units)
@@ -409,7 +409,7 @@ def compress_global(
                           "removed": [asdict(r) for r in chosen], "seconds": rnd.seconds}))
             stop_point(cb, f"global round {rnd.round}")
     finally:
-        if isinstance(imp, CAR):
+        if reuse:
             imp.release_buffers()
     final = current if current is not None else _current_model(model, analysis, removed, x)
     return GlobalCompressionResult(
