@@ -117,6 +117,8 @@ void check_class_correct_counts(const at::Tensor& logits, const at::Tensor& labe
   TORCH_CHECK(topk >= 1, "carprune.class_correct_counts: topk must be >= 1, got ", topk);
 }
 
+void bind_block_cache(pybind11::module_& m);  // block_cache.cpp
+
 }  // namespace carprune
 
 TORCH_LIBRARY(carprune, m) {
@@ -147,4 +149,5 @@ PYBIND11_MODULE(_C, m) {
 #else
   m.attr("with_cuda") = false;
 #endif
+  carprune::bind_block_cache(m);
 }

@@ -309,7 +309,8 @@ def _start_and_signal(args: list[str], ckpt: Path, min_steps: int, sig: int) -> 
 
 def test_sigterm_and_sigkill_then_resume_gives_the_identical_result(tmp_path, lenet_weights, mnist_npz):
     args = lambda out: ["compress", *lenet_args(lenet_weights, mnist_npz, out, "--layer", "conv2",
-                                                "--num-images", "120", "--keep", "43"), "--progress", "log"]
+                                                "--num-images", "120", "--keep", "38"), "--progress", "log"]
+    # 12 steps: room for the kill to land mid-run after the polling loop sees step first + 1
     ref_dir = tmp_path / "ref"
     assert cli.main(args(ref_dir)) == 0
     ref = json.loads((ref_dir / "result.json").read_text())
@@ -329,7 +330,7 @@ def test_sigterm_and_sigkill_then_resume_gives_the_identical_result(tmp_path, le
         assert rc == -signal.SIGKILL
         assert "resuming from" in err
         second = _steps(ckpt)
-        assert first + 1 <= second < 7
+        assert first + 1 <= second < 12
         p = run_cli(*args(out))
         assert p.returncode == 0, p.stderr
     finally:
