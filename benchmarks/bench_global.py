@@ -205,7 +205,8 @@ def _load() -> float:
 
 def _env(s: Settings) -> dict[str, Any]:
     return {"threads": torch.get_num_threads(), "cores": os.cpu_count(), "torch": torch.__version__,
-            "load_average": _load(), "time": time.strftime("%Y-%m-%d %H:%M:%S")}
+            "load_average": _load(), "time": time.strftime("%Y-%m-%d %H:%M:%S"),
+            "block_cache": os.environ.get("CARPRUNE_BLOCK_CACHE", "1") != "0"}
 
 
 class _Print:
@@ -885,12 +886,14 @@ def part_d(b: Bench) -> None:
                  sec(tot["score_s"]), sec(tot["round_s"] - tot["score_s"]), sec(tot["round_s"]),
                  f"{g:.1f}", f"{100 * g / GEMM_GFLOPS:.0f} %", f"{100 * g / gemm_now:.0f} %"])
     st = meta["env_start"]
+    cache = {True: "on", False: "off (CARPRUNE_BLOCK_CACHE=0)"}.get(st.get("block_cache"),
+                                                                  "not recorded")
     md = "\n".join([
         f"### Part (d): cost of the whole CAR run, {s.net} to {s.flops_target} x FLOPs on "
         f"{s.score_images} scoring images", "",
         f"Wall time of the call {meta['wall_s']:.0f} s ({meta['wall_s'] / 60:.1f} min"
         + (", RESUMED from a checkpoint: only the last part" if meta["resumed"] else "")
-        + f"), threads {st['threads']} on {st['cores']} cores, load average "
+        + f"), threads {st['threads']} on {st['cores']} cores, block cache {cache}, load average "
         f"{st['load_average']} -> {meta['load_end']} (run at {st['time']}). Image-ablations: "
         "(image, channel) pairs scored; run: those whose channel is not all zero (the rest are "
         "skipped exactly). Tail GFLOP: 2 x the multiply-accumulates each unit's path computes per "

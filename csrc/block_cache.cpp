@@ -13,8 +13,8 @@
 //   * `install()` makes this the process's CPU allocator (c10::SetCPUAllocator) and remembers
 //     the one it replaced; `uninstall()` restores that one and frees every cached block. Calls
 //     nest: only the outermost install/uninstall pair switches allocators.
-//   * Blocks smaller than kMinBytes are never cached (glibc's per-thread caches are fast for
-//     those).
+//   * Blocks smaller than kMinBytes are never cached: they come from c10::alloc_cpu, as the
+//     default CPU allocator's do (glibc's per-thread caches are fast for those).
 //   * A block freed while the cache holds more than `limit` bytes, or after `uninstall()`, is
 //     returned to the system at once: tensors that outlive the cache never leak.
 //   * Every block is a plain c10::alloc_cpu block, as the default CPU allocator's are, so a
@@ -37,7 +37,7 @@
 namespace carprune {
 namespace {
 
-constexpr size_t kMinBytes = 4096;  // below this the replaced allocator is faster
+constexpr size_t kMinBytes = 4096;  // below this glibc's own caches are fast: not cached
 
 // The smallest size of the form (8 + k) * 2^(e-3), k in [0, 8), that holds n: 8 classes per
 // octave.

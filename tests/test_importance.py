@@ -89,6 +89,29 @@ def test_search_counts_wrong_images_exactly_when_the_order_misleads(resnet20, ci
     assert _check_search(found, full, rank, units, 1) > 0
 
 
+def test_the_search_under_the_block_cache_equals_the_search_without(resnet20, cifar_test,
+                                                                    monkeypatch):
+    """`CAR.search` inside `engine.block_cache` (the default) and with CARPRUNE_BLOCK_CACHE=0:
+    the same values bit for bit, NaN in the same places; the cache served most large blocks
+    and is gone afterwards."""
+    from carprune import _ops
+
+    data = cifar_test.sample(100, seed=3)
+    an, units, rank = _ranked(resnet20, data)
+    cached = importance.CAR(data).search(resnet20, an, units, rank, picks=2)
+    s = _ops._C.block_cache_stats()
+    assert not s["installed"] and s["cached_bytes"] == 0
+    assert s["hits"] > s["misses"] > 0       # counts since this search's install
+    assert 0 < s["peak_cached_bytes"] <= s["limit_bytes"]
+    monkeypatch.setenv("CARPRUNE_BLOCK_CACHE", "0")
+    plain = importance.CAR(data).search(resnet20, an, units, rank, picks=2)
+    assert _ops._C.block_cache_stats()["hits"] == s["hits"]   # not installed this time
+    for u in units:
+        assert torch.equal(cached[u].isnan(), plain[u].isnan())
+        ok = ~plain[u].isnan()
+        assert torch.equal(cached[u][ok], plain[u][ok])
+
+
 def test_kept_buffers_are_reused_and_change_no_value(resnet20, cifar_test):
     """`search(..., keep_buffers=True)` hands the next search the last one's large tensors, as
     they are (here filled with NaN): on the full network and then on one with a layer1 channel

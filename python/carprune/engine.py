@@ -118,7 +118,7 @@ BLOCK_CACHE_LIMIT = 2 << 30
 
 
 @contextlib.contextmanager
-def block_cache(limit_bytes: int = BLOCK_CACHE_LIMIT, *, enabled: bool = True) -> Iterator[None]:
+def block_cache(limit_bytes: int = BLOCK_CACHE_LIMIT) -> Iterator[None]:
     """Within the block, CPU tensors of 4 KiB or more come from a size-class cache of freed
     blocks (csrc/block_cache.cpp) instead of the C heap; on exit the previous allocator is back
     and every cached block is freed. A greedy run's rounds each allocate thousands of large
@@ -127,8 +127,8 @@ def block_cache(limit_bytes: int = BLOCK_CACHE_LIMIT, *, enabled: bool = True) -
     Values are unchanged; tensors made inside may outlive the block (their memory then goes
     back to the system). Nested blocks share the outermost one's cache. The allocator is
     process-wide: other threads' CPU tensors use it too while it is installed.
-    `enabled=False` makes it a no-op (`CARPRUNE_BLOCK_CACHE=0` in the environment does too)."""
-    if not enabled or os.environ.get("CARPRUNE_BLOCK_CACHE", "1") == "0":
+    `CARPRUNE_BLOCK_CACHE=0` in the environment makes it a no-op."""
+    if os.environ.get("CARPRUNE_BLOCK_CACHE", "1") == "0":
         yield
         return
     if limit_bytes < 0:

@@ -226,10 +226,9 @@ class CAR:
         `keep_buffers`: the search's large tensors (the kept prefix, each fused unit's Z) stay
         with this object for the next search, which reuses those of the same shape instead of
         fresh memory (a greedy run's rounds build nearly the same ones; `release_buffers`
-        lets them go). Values are the same either way. The search runs inside
-        `engine.block_cache` (freed CPU blocks reused by size class instead of the C heap,
-        whose search slows as a greedy run's rounds fragment it; `CARPRUNE_BLOCK_CACHE=0`
-        turns it off); values are the same either way too."""
+        lets them go). The search runs inside `engine.block_cache` (freed CPU blocks reused
+        by size class instead of the C heap, which slows as a greedy run's rounds fragment it;
+        `CARPRUNE_BLOCK_CACHE=0` turns it off). Values are the same either way."""
         t_start = time.perf_counter()
         measure = metrics.get_metric(self.options["metric"], self.options.get("topk", 1))
         if not measure.exact_counts or not measure.higher_is_better:
