@@ -69,10 +69,12 @@ else
   _cp_pip install -q "torch==$_cp_torch"
 fi
 
-_cp_say "installing build tools and test dependencies (numpy, cmake, ninja, pytest, ruff, ...;" \
+_cp_say "installing build tools and test dependencies (numpy, cmake, ninja, pytest, ruff, onnx, ...;" \
         "seconds when present, about 30 s otherwise)"
+# onnx and onnxscript: torch.onnx.export's default exporter needs both (tests/test_prune_units.py
+# exports a pruned network and runs the file with onnx's reference evaluator)
 _cp_pip install -q numpy "scikit-build-core>=0.10" pybind11 "cmake>=3.26" ninja \
-  pillow tqdm matplotlib bitarray scipy pytest pytest-benchmark ruff
+  pillow tqdm matplotlib bitarray scipy pytest pytest-benchmark ruff onnx onnxscript
 
 # Each venv keeps its own build directory (a no-op rebuild takes seconds): builds against two
 # torches must not share one, as they would in the tree's build/<wheel tag>.

@@ -231,15 +231,32 @@ def test_save_load_roundtrip(resnet64, analysis, cifar_x, tmp_path):
     assert torch.equal(run(r2.eval(), cifar_x), run(r, cifar_x))
 
 
-def test_pruned_model_exports(resnet20, cifar_test):
-    """A pruned model is a plain module tree: torch.export captures it (the onnx package, which
-    torch.onnx.export needs, is not installed in these venvs)."""
+def test_pruned_model_exports(resnet20, cifar_test, tmp_path):
+    """A pruned model is a plain module tree: torch.export captures it, and torch.onnx.export
+    (its default exporter, as a user calls it) writes an ONNX file that carries the narrowed
+    weights and computes what the pruned model computes (run by onnx's reference evaluator, on
+    real images the export never saw)."""
+    import onnx
+    from onnx.reference import ReferenceEvaluator
+
     x, _ = cifar_test.sample(8, seed=2).batch(slice(None))
     removed = {"conv1": [0, 5], "layer2.0.conv2": [1], "layer3.1.conv1": [7, 8]}
     p = surgery.prune_units(resnet20.eval(), removed, x[:1])
     ep = torch.export.export(p, (x[:4],))
     torch.testing.assert_close(ep.module()(x[4:]), run(p, x[4:]), rtol=1e-5, atol=1e-5)
     assert not torch.allclose(ep.module()(x[4:]), run(resnet20, x[4:]), rtol=1e-3, atol=1e-3)
+
+    path = tmp_path / "pruned.onnx"
+    torch.onnx.export(p, (x[:4],), str(path), dynamo=True)
+    model = onnx.load(str(path))
+    onnx.checker.check_model(model)
+    weights = {i.name: tuple(i.dims) for i in model.graph.initializer}
+    for name in ("conv1.weight", "layer1.0.conv1.weight", "layer2.0.conv2.weight",
+                 "layer3.1.conv1.weight", "layer3.1.conv2.weight", "linear.weight"):
+        assert weights[name] == tuple(p.state_dict()[name].shape), name
+    assert weights["conv1.weight"][0] == 14 and weights["layer3.1.conv1.weight"][0] == 62
+    got = ReferenceEvaluator(model).run(None, {model.graph.input[0].name: x[4:].numpy()})[0]
+    torch.testing.assert_close(torch.from_numpy(got), run(p, x[4:]), rtol=1e-4, atol=1e-4)
 
 
 # -- errors --------------------------------------------------------------------------------------
