@@ -406,6 +406,15 @@ def test_torchvision_pruned_equals_masked(name, images64, tmp_path):
     surgery.save_pruned(pruned, tmp_path / "m")
     q = surgery.load_pruned(tmp_path / "m", torchvision_arch(name))
     assert torch.equal(run(q.eval(), x), got)
+    # and exports to ONNX (torch.onnx.export's default exporter): the file, run by onnx's
+    # reference evaluator, computes the pruned model's outputs
+    import onnx
+    from onnx.reference import ReferenceEvaluator
+
+    torch.onnx.export(pruned, (x,), str(tmp_path / "m.onnx"), dynamo=True)
+    m = onnx.load(str(tmp_path / "m.onnx"))
+    out = ReferenceEvaluator(m).run(None, {m.graph.input[0].name: x.numpy()})[0]
+    assert (torch.from_numpy(out) - got).abs().max().item() < ATOL
 
 
 @pytest.mark.torchvision
