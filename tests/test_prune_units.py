@@ -59,6 +59,20 @@ def run(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
         return model(x)
 
 
+def onnx_run(model: nn.Module, example: torch.Tensor, x: torch.Tensor, path) -> tuple:
+    """`model` exported by torch.onnx.export's default exporter (traced on `example`) to
+    `path`, checked by onnx's checker, then run on `x` by onnx's reference evaluator: (the
+    loaded ONNX model, its output as a tensor)."""
+    import onnx
+    from onnx.reference import ReferenceEvaluator
+
+    torch.onnx.export(model, (example,), str(path), dynamo=True)
+    m = onnx.load(str(path))
+    onnx.checker.check_model(m)
+    out = ReferenceEvaluator(m).run(None, {m.graph.input[0].name: x.numpy()})[0]
+    return m, torch.from_numpy(out)
+
+
 def snapshot(model: nn.Module) -> dict[str, torch.Tensor]:
     return {k: v.clone() for k, v in model.state_dict().items()}
 
@@ -236,9 +250,6 @@ def test_pruned_model_exports(resnet20, cifar_test, tmp_path):
     (its default exporter, as a user calls it) writes an ONNX file that carries the narrowed
     weights and computes what the pruned model computes (run by onnx's reference evaluator, on
     real images the export never saw)."""
-    import onnx
-    from onnx.reference import ReferenceEvaluator
-
     x, _ = cifar_test.sample(8, seed=2).batch(slice(None))
     removed = {"conv1": [0, 5], "layer2.0.conv2": [1], "layer3.1.conv1": [7, 8]}
     p = surgery.prune_units(resnet20.eval(), removed, x[:1])
@@ -246,17 +257,13 @@ def test_pruned_model_exports(resnet20, cifar_test, tmp_path):
     torch.testing.assert_close(ep.module()(x[4:]), run(p, x[4:]), rtol=1e-5, atol=1e-5)
     assert not torch.allclose(ep.module()(x[4:]), run(resnet20, x[4:]), rtol=1e-3, atol=1e-3)
 
-    path = tmp_path / "pruned.onnx"
-    torch.onnx.export(p, (x[:4],), str(path), dynamo=True)
-    model = onnx.load(str(path))
-    onnx.checker.check_model(model)
+    model, got = onnx_run(p, x[:4], x[4:], tmp_path / "pruned.onnx")
     weights = {i.name: tuple(i.dims) for i in model.graph.initializer}
     for name in ("conv1.weight", "layer1.0.conv1.weight", "layer2.0.conv2.weight",
                  "layer3.1.conv1.weight", "layer3.1.conv2.weight", "linear.weight"):
         assert weights[name] == tuple(p.state_dict()[name].shape), name
     assert weights["conv1.weight"][0] == 14 and weights["layer3.1.conv1.weight"][0] == 62
-    got = ReferenceEvaluator(model).run(None, {model.graph.input[0].name: x[4:].numpy()})[0]
-    torch.testing.assert_close(torch.from_numpy(got), run(p, x[4:]), rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(got, run(p, x[4:]), rtol=1e-4, atol=1e-4)
 
 
 # -- errors --------------------------------------------------------------------------------------
@@ -406,15 +413,10 @@ def test_torchvision_pruned_equals_masked(name, images64, tmp_path):
     surgery.save_pruned(pruned, tmp_path / "m")
     q = surgery.load_pruned(tmp_path / "m", torchvision_arch(name))
     assert torch.equal(run(q.eval(), x), got)
-    # and exports to ONNX (torch.onnx.export's default exporter): the file, run by onnx's
-    # reference evaluator, computes the pruned model's outputs
-    import onnx
-    from onnx.reference import ReferenceEvaluator
-
-    torch.onnx.export(pruned, (x,), str(tmp_path / "m.onnx"), dynamo=True)
-    m = onnx.load(str(tmp_path / "m.onnx"))
-    out = ReferenceEvaluator(m).run(None, {m.graph.input[0].name: x.numpy()})[0]
-    assert (torch.from_numpy(out) - got).abs().max().item() < ATOL
+    # and exports to ONNX: the file, run on the other 4 images, computes the pruned model's
+    # outputs
+    _, out = onnx_run(pruned, x, images64[4:], tmp_path / "m.onnx")
+    assert (out - run(pruned, images64[4:])).abs().max().item() < ATOL
 
 
 @pytest.mark.torchvision
