@@ -1,6 +1,7 @@
 """Scoring under load: carprune against the naive pass when other processes hold cores.
 
     python -m benchmarks.bench_load [--images 500] [--layer layer1.0.conv1] [--busy 0 1 3]
+    python -m benchmarks.bench_load --midrun 30 [--leave] [--flops-target 0.9] [--images 300]
 
 Users run on shared nodes and several processes per node. For each load (0, 1 or more busy
 single-thread processes, each a loop of 512x512 fp32 matrix products) this scores every filter
@@ -9,6 +10,14 @@ network runs, batch 500 as a user would; plus the unablated pass CAR needs), wit
 1 thread, and `carprune.threads.auto_threads()` (what `--threads auto`, the command line's
 default, picks). Both are timed in the same process, back to back, under the same load; counts
 are checked equal. Results: a table on stdout and out/bench/load.md (and .json).
+
+`--midrun S`: a neighbour arrives during a long run. `carprune compress --layer all` on ResNet-20
+(--flops-target, --images scoring images) runs twice, with `--threads 2` and with `--threads
+auto` (which re-checks the free cores at round boundaries, `threads.ThreadGovernor`); in each, one
+busy process starts S seconds after the command and runs to its end. With `--leave` the
+neighbour is there from the start and stops S seconds in, and the fixed count is `--threads 1`
+(what `auto` picked at the start before it re-checked). Same choices checked; results in
+out/bench/load-midrun[-leave].md (and .json).
 """
 
 from __future__ import annotations
@@ -42,6 +51,65 @@ def _stop(procs: list[subprocess.Popen]) -> None:
         p.wait()
 
 
+def _midrun(args: argparse.Namespace) -> int:
+    import shutil
+    import tempfile
+    from pathlib import Path
+
+    from .common import DATA
+
+    rows = []
+    for threads in ("1" if args.leave else "2", "auto"):
+        out = Path(tempfile.mkdtemp(prefix="carprune-midrun-"))
+        cmd = [sys.executable, "-m", "carprune", "compress", "--model", "resnet20", "--weights",
+               str(DATA / "models" / "resnet20-12fca82f.th"), "--data",
+               str(DATA / "cifar10-jpeg.tar.gz"), "--split", "test", "--num-images",
+               str(args.images), "--layer", "all", "--flops-target", str(args.flops_target),
+               "--threads", threads, "--progress", "log", "--out", str(out / "run")]
+        busy = _start_busy(1) if args.leave else []
+        t0 = time.perf_counter()
+        proc = subprocess.Popen(cmd, stderr=subprocess.PIPE, text=True)
+        try:
+            while proc.poll() is None and time.perf_counter() - t0 < args.midrun:
+                time.sleep(0.2)
+            if args.leave:
+                _stop(busy)
+                busy = []
+            elif proc.poll() is None:
+                busy = [subprocess.Popen([sys.executable, "-c", BUSY])]
+            _, err = proc.communicate()
+        finally:
+            _stop(busy)
+        wall = time.perf_counter() - t0
+        if proc.returncode != 0:
+            print(err, file=sys.stderr)
+            raise SystemExit(f"carprune compress --threads {threads} failed ({proc.returncode})")
+        result = json.loads((out / "run" / "result.json").read_text())
+        removed = [r.get("removed") for r in result.get("trajectory", [])]
+        changes = [ln.split("INFO ")[-1] for ln in err.splitlines() if "CPU threads" in ln]
+        rows.append({"threads": threads, "seconds": wall, "rounds": len(removed),
+                     "removed": removed, "thread_changes": changes})
+        print(f"--threads {threads}: {wall:.1f} s, {len(removed)} rounds; {changes}", flush=True)
+        shutil.rmtree(out, ignore_errors=True)
+    same = rows[0]["removed"] == rows[1]["removed"]
+    text = (f"ResNet-20, `carprune compress --layer all --flops-target {args.flops_target}` on "
+            f"{args.images} CIFAR-10 test images; one busy process "
+            + (f"from the start to {args.midrun} s" if args.leave else
+               f"from {args.midrun} s after the start to the end")
+            + f"; {len(usable_cpus())} usable CPUs.\n\n"
+            "| --threads | wall (s) | rounds | thread changes |\n|---|---:|---:|---|\n"
+            + "".join(f"| {r['threads']} | {r['seconds']:.1f} | {r['rounds']} | "
+                      f"{'; '.join(r['thread_changes']) or '-'} |\n" for r in rows)
+            + f"\nSame channels removed round by round: {same}; fixed {rows[0]['threads']} "
+            f"thread(s) against auto: {rows[0]['seconds'] / rows[1]['seconds']:.2f}x.\n")
+    print("\n" + text)
+    OUT.mkdir(parents=True, exist_ok=True)
+    name = "load-midrun-leave" if args.leave else "load-midrun"
+    (OUT / f"{name}.md").write_text(text)
+    (OUT / f"{name}.json").write_text(json.dumps(rows, indent=2))
+    return 0 if same else 1
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--images", type=int, default=500)
@@ -49,7 +117,14 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--cut", default="layer1.0.relu1", help="module whose output the naive hook zeroes")
     ap.add_argument("--busy", type=int, nargs="+", default=[0, 1, 3])
     ap.add_argument("--naive-batch", type=int, default=500)
+    ap.add_argument("--midrun", type=float, default=None,
+                    help="seconds after the start when a neighbour arrives (see the docstring)")
+    ap.add_argument("--leave", action="store_true",
+                    help="with --midrun: the neighbour is there from the start and leaves")
+    ap.add_argument("--flops-target", type=float, default=0.9)
     args = ap.parse_args(argv)
+    if args.midrun is not None:
+        return _midrun(args)
     model = resnet20()
     data = cifar_test().sample(args.images, seed=0)
     x, y = data.batch(slice(None))

@@ -54,3 +54,87 @@ def test_busy_processes_leave_fewer_threads():
         for p in procs:
             p.kill()
             p.wait()
+
+
+def test_free_cores_monitor_counts_own_cpu_time_as_free(monkeypatch):
+    # over 1 s of wall time: cpu0 and cpu1 each busy for 1 s (100 jiffies at 100 Hz), of which
+    # 1.2 s was this process's own CPU time: other processes held 0.8 cores
+    a = {0: (0, 1000), 1: (0, 1000)}
+    b = {0: (0, 1100), 1: (0, 1100)}
+    snaps = iter([a, b])
+    clock = iter([10.0, 11.0])
+    own = iter([5.0, 6.2])
+    monkeypatch.setattr(threads, "_cpu_times", lambda: next(snaps))
+    monkeypatch.setattr(threads, "usable_cpus", lambda: [0, 1])
+    monkeypatch.setattr(threads.os, "sysconf", lambda name: 100)
+    monkeypatch.setattr(threads.time, "monotonic", lambda: next(clock))
+    monkeypatch.setattr(threads.time, "process_time", lambda: next(own))
+    mon = threads.FreeCores()
+    assert mon() == pytest.approx(2 - 0.8)
+
+
+class _Monitor:
+    def __init__(self, values, cpus=2):
+        self.values, self.cpus = iter(values), list(range(cpus))
+
+    def __call__(self):
+        return next(self.values)
+
+
+def test_thread_governor_follows_free_cores():
+    import torch
+
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(2)
+        gov = threads.ThreadGovernor(every=0, monitor=_Monitor([0.7, 1.1, 1.6, None, 5.0]))
+        assert gov.update() == (2, 1, 0.7) and torch.get_num_threads() == 1
+        assert gov.update() is None and torch.get_num_threads() == 1     # 1.1 -> 1: no change
+        assert gov.update() == (1, 2, 1.6) and torch.get_num_threads() == 2
+        assert gov.update() is None                                      # unreadable counters
+        assert gov.update() is None and torch.get_num_threads() == 2     # capped at the CPUs
+        slow = threads.ThreadGovernor(every=3600, monitor=_Monitor([0.1]))
+        assert slow.update() is None and torch.get_num_threads() == 2    # not due yet
+        with pytest.raises(ValueError, match="every must be a number of seconds >= 0"):
+            threads.ThreadGovernor(every=-1)
+    finally:
+        torch.set_num_threads(before)
+
+
+def test_free_cores_monitor_on_real_processes():
+    cpus = threads.usable_cpus()
+    if len(cpus) < 2:
+        pytest.skip(f"needs 2 usable CPUs, this process has {len(cpus)}")
+    mon = threads.FreeCores()
+    t = time.monotonic() + 0.8
+    while time.monotonic() < t:   # this process busy: still counted free
+        pass
+    assert mon() >= len(cpus) - 0.5
+    spin = "import time\nt = time.time() + 20\nwhile time.time() < t:\n    pass\n"
+    proc = subprocess.Popen([sys.executable, "-c", spin])
+    try:
+        time.sleep(0.3)
+        mon()
+        time.sleep(0.8)
+        assert mon() <= len(cpus) - 0.5   # another process holds a core
+    finally:
+        proc.kill()
+        proc.wait()
+
+
+def test_run_callbacks_log_thread_changes(caplog):
+    import torch
+
+    from carprune.callbacks import Event
+    from carprune.logging_utils import RunCallbacks
+
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(2)
+        gov = threads.ThreadGovernor(every=0, monitor=_Monitor([0.6]))
+        with caplog.at_level("INFO", logger="carprune"), RunCallbacks("none", threads=gov) as cb:
+            cb.on_event(Event("global", 1, "round 1"))
+        assert torch.get_num_threads() == 1
+        assert "CPU threads 2 -> 1 (other processes leave 0.6 of 2 cores free)" in caplog.text
+    finally:
+        torch.set_num_threads(before)

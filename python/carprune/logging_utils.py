@@ -27,6 +27,7 @@ from typing import Any
 from . import callbacks, preempt
 from .callbacks import LOGGER_NAME as LOGGER_NAME  # re-exported: the logger's name
 from .callbacks import Event, ProgressBar, log
+from .threads import ThreadGovernor
 
 MODES = ("auto", "bar", "log", "none")
 
@@ -140,16 +141,18 @@ class RunCallbacks:
     `should_stop()` is False unless `preemptible`; then it is whether a stop was requested
     (SIGTERM/SIGINT through `preempt`'s handlers). Under torchrun (`ctx` with several ranks) the
     ranks first agree (`distributed.sync_stop`, a collective): algorithms ask at the same step
-    boundary on every rank, so all stop after the same step. Use it as a context manager (or
-    call `close()`): that ends the bar and the heartbeat thread.
+    boundary on every rank, so all stop after the same step. `threads`: a
+    `threads.ThreadGovernor` updated at every event (`--threads auto`), its changes logged. Use
+    it as a context manager (or call `close()`): that ends the bar and the heartbeat thread.
     """
 
     def __init__(self, mode: str = "none", *, interval: float = 60.0, ctx: Any = None,
-                 preemptible: bool = False) -> None:
+                 preemptible: bool = False, threads: ThreadGovernor | None = None) -> None:
         if mode not in ("bar", "log", "none"):
             raise ValueError(f"mode must be 'bar', 'log' or 'none', got {mode!r}")
         self.mode = mode if ctx is None or ctx.is_main else "none"
         self.interval, self.ctx, self.preemptible = interval, ctx, preemptible
+        self.threads = threads
         self.last_event: Event | None = None
         self._bar = ProgressBar("", enabled=self.mode == "bar")
         self._label = ""
@@ -160,6 +163,12 @@ class RunCallbacks:
 
     # -- Callbacks ---------------------------------------------------------------------------------
     def on_event(self, event: Event) -> None:
+        if self.threads is not None:
+            change = self.threads.update()
+            if change is not None:
+                old, n, free = change
+                log.info("CPU threads %d -> %d (other processes leave %.1f of %d cores free)",
+                         old, n, free, len(self.threads.monitor.cpus))
         now = time.monotonic()
         data = event.data
         label = str(data.get("label", event.algorithm))

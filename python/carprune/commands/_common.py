@@ -26,6 +26,7 @@ from ..config import Option
 from ..data.arrays import ImageArrayDataset
 from ..io import update_directory, write_json
 from ..logging_utils import MODES, log
+from ..threads import ThreadGovernor
 
 EXIT_OK = 0
 EXIT_FAILED = 1
@@ -55,7 +56,8 @@ def common_options(out_required: bool = True, out_default: str | None = None) ->
         Option("device", "str", "auto", "cpu, cuda, cuda:N or auto (this rank's GPU if any)"),
         Option("threads", "int_or_auto", "auto", "torch CPU threads: a number, or auto = the usable cores "
                "that are idle when the command starts (sampled for 0.25 s; on a shared node this "
-               "keeps the run from waiting on cores other processes hold). Under torchrun: 1 per "
+               "keeps the run from waiting on cores other processes hold), re-checked at step "
+               "boundaries, at most every 10 s, in score and compress. Under torchrun: 1 per "
                "rank unless set"),
         Option("progress", "str", "auto", "auto: bars on a terminal, log lines otherwise",
                choices=MODES),
@@ -130,6 +132,15 @@ class CommonSettings:
     progress: str
     log_interval: float
     log_level: str
+
+
+def thread_governor(s: CommonSettings, ctx: distributed.Context) -> ThreadGovernor | None:
+    """With ``--threads auto`` in one process, a `threads.ThreadGovernor` for the command's
+    `RunCallbacks` (the free cores re-checked at step boundaries, at most every 10 s); else
+    None (a fixed count, or torchrun's 1 thread per rank)."""
+    if str(s.threads).strip().lower() != "auto" or ctx.world_size > 1:
+        return None
+    return ThreadGovernor()
 
 
 @dataclass(frozen=True, kw_only=True)

@@ -251,7 +251,8 @@ def run(settings: Mapping[str, Any], ctx: distributed.Context, run: common.Run, 
                       batch_size=s.finetune_batch_size, seed=s.seed)
 
     def body(my_ckpt: Path) -> Any:
-        with RunCallbacks(mode, interval=s.log_interval, ctx=ctx, preemptible=True) as callbacks:
+        with RunCallbacks(mode, interval=s.log_interval, ctx=ctx, preemptible=True,
+                          threads=common.thread_governor(s, ctx)) as callbacks:
             return greedy.compress_layer(
                 model, s.layer, data, eval_data=eval_data, criterion=s.criterion, metric=s.metric,
                 keep=s.keep, max_drop=s.max_drop, filters_per_step=s.filters_per_step,
@@ -345,7 +346,8 @@ def run_global(s: Settings, ctx: distributed.Context, mode: str) -> int:
     metric_name = metrics.get_metric(s.metric).name
 
     def body(my_ckpt: Path) -> Any:
-        with RunCallbacks(mode, interval=s.log_interval, ctx=ctx, preemptible=True) as inner:
+        with RunCallbacks(mode, interval=s.log_interval, ctx=ctx, preemptible=True,
+                          threads=common.thread_governor(s, ctx)) as inner:
             callbacks = RoundProgress(inner, base_flops, s.flops_target, metric_name)
             if ctx.is_main:
                 log.info("whole-network compression of %s: %s, criterion %s%s",

@@ -91,7 +91,8 @@ def run(settings: Mapping[str, Any], ctx: distributed.Context, run: common.Run, 
     fp = fingerprint(s.fingerprint_basis())
     multi = len(layers) > 1
     done: list[str] = []
-    callbacks = RunCallbacks(mode, interval=s.log_interval, ctx=ctx, preemptible=True)
+    callbacks = RunCallbacks(mode, interval=s.log_interval, ctx=ctx, preemptible=True,
+                             threads=common.thread_governor(s, ctx))
     for i, layer in enumerate(layers):
         d = out / common.safe_name(layer) if multi else out
         prev = d / "scores.json"
