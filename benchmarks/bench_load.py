@@ -68,7 +68,9 @@ def _midrun(args: argparse.Namespace) -> int:
                "--threads", threads, "--progress", "log", "--out", str(out / "run")]
         busy = _start_busy(1) if args.leave else []
         t0 = time.perf_counter()
-        proc = subprocess.Popen(cmd, stderr=subprocess.PIPE, text=True)
+        log_path = out / "stderr.log"   # a file, not a pipe: a full pipe would stall the run
+        log_file = log_path.open("w")
+        proc = subprocess.Popen(cmd, stderr=log_file, text=True)
         try:
             while proc.poll() is None and time.perf_counter() - t0 < args.midrun:
                 time.sleep(0.2)
@@ -77,9 +79,11 @@ def _midrun(args: argparse.Namespace) -> int:
                 busy = []
             elif proc.poll() is None:
                 busy = [subprocess.Popen([sys.executable, "-c", BUSY])]
-            _, err = proc.communicate()
+            proc.wait()
         finally:
             _stop(busy)
+            log_file.close()
+        err = log_path.read_text()
         wall = time.perf_counter() - t0
         if proc.returncode != 0:
             print(err, file=sys.stderr)

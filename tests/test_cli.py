@@ -160,11 +160,15 @@ def test_quickstart_score_writes_scores_prints_summary_and_resumes(tmp_path, res
     assert ref.summary() in again.stdout and (out / "scores.npz").stat().st_mtime_ns == mtime
 
 
-def test_score_several_layers_in_process(tmp_path, lenet_weights, mnist_npz, lenet, capsys):
+def test_score_several_layers_in_process(tmp_path, lenet_weights, mnist_npz, lenet, capsys,
+                                        monkeypatch):
     out = tmp_path / "s"
     args = ["score", *lenet_args(lenet_weights, mnist_npz, out, "--layer", "all", "--num-images", "200",
                                  "--filters", "0,3,5")]
+    checks = []   # --threads auto (the default): the free cores re-checked between layers
+    monkeypatch.setattr(cp.threads.ThreadGovernor, "update", lambda self: checks.append(1))
     assert cli.main(args) == 0
+    assert len(checks) == 2
     index = json.loads((out / "scores.json").read_text())
     assert sorted(index["layers"]) == ["conv1", "conv2"]
     data = specs.load_data(mnist_npz, "test", mean=[0], std=[1])

@@ -129,12 +129,15 @@ def test_a_stop_after_round_2_exits_75_and_the_rerun_resumes_to_the_identical_re
 
 
 def test_a_list_of_layers_with_max_drop_and_a_magnitude_criterion(tmp_path, lenet, lenet_weights,
-                                                                  mnist_npz, capsys):
+                                                                  mnist_npz, capsys, monkeypatch):
     out = tmp_path / "l1"
     args = ["compress", *lenet_args(lenet_weights, mnist_npz, out, "--layer", "conv1, conv2",
                                     "--max-drop", "0.5", "--flops-target", "0.8", "--criterion",
                                     "l1", "--per-round", "2", "--num-images", "100")]
+    checks = []   # --threads auto (the default): the free cores re-checked at every event
+    monkeypatch.setattr(cp.threads.ThreadGovernor, "update", lambda self: checks.append(1))
     assert cli.main(args) == 0
+    assert len(checks) >= 2   # at least the start and each round
     res = cp.GlobalCompressionResult.load(out, cp.models.lenet5())
     data = specs.load_data(mnist_npz, "test", mean=[0], std=[1])
     ref = cp.compress_global(lenet, ["conv1", "conv2"], data, flops_target=0.8, max_drop=0.5,

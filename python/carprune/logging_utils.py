@@ -162,13 +162,19 @@ class RunCallbacks:
         self._thread: threading.Thread | None = None
 
     # -- Callbacks ---------------------------------------------------------------------------------
+    def recheck_threads(self) -> None:
+        """`threads.update()` (if a governor was given), its change logged. Called at every
+        event; a command whose algorithm sends none calls it at its own step boundaries."""
+        if self.threads is None:
+            return
+        change = self.threads.update()
+        if change is not None:
+            old, n, free = change
+            log.info("CPU threads %d -> %d (other processes leave %.1f of %d cores free)",
+                     old, n, free, len(self.threads.monitor.cpus))
+
     def on_event(self, event: Event) -> None:
-        if self.threads is not None:
-            change = self.threads.update()
-            if change is not None:
-                old, n, free = change
-                log.info("CPU threads %d -> %d (other processes leave %.1f of %d cores free)",
-                         old, n, free, len(self.threads.monitor.cpus))
+        self.recheck_threads()
         now = time.monotonic()
         data = event.data
         label = str(data.get("label", event.algorithm))

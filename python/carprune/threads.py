@@ -42,20 +42,15 @@ def usable_cpus() -> list[int]:
 
 def free_cores(sample_seconds: float = 0.25) -> float | None:
     """Idle CPU capacity among the usable CPUs over `sample_seconds`, in cores (None where the
-    counters cannot be read, e.g. not Linux)."""
-    cpus = usable_cpus()
-    try:
-        a = _cpu_times()
-        time.sleep(sample_seconds)
-        b = _cpu_times()
-    except (OSError, ValueError, IndexError):
-        return None
-    free = 0.0
-    for c in cpus:
-        if c in a and c in b:
-            total = b[c][1] - a[c][1]
-            free += (b[c][0] - a[c][0]) / total if total > 0 else 1.0
-    return free
+    counters cannot be read, e.g. not Linux). This process sleeps meanwhile."""
+    monitor = FreeCores(own_is_free=False)
+    time.sleep(sample_seconds)
+    return monitor()
+
+
+def threads_for(free: float, cpus: int) -> int:
+    """`free` cores as a thread count: rounded, at least 1, at most `cpus`."""
+    return max(1, min(cpus, int(free + 0.5)))
 
 
 def auto_threads(sample_seconds: float = 0.25) -> int:
@@ -65,7 +60,7 @@ def auto_threads(sample_seconds: float = 0.25) -> int:
     free = free_cores(sample_seconds)
     if free is None:
         return len(cpus)
-    return max(1, min(len(cpus), int(free + 0.5)))
+    return threads_for(free, len(cpus))
 
 
 def resolve_threads(value: int | str | None) -> int | None:
@@ -86,43 +81,54 @@ def resolve_threads(value: int | str | None) -> int | None:
 
 class FreeCores:
     """Idle CPU capacity of the usable CPUs, in cores, over the interval since the previous
-    call, with this process's own CPU time counted as idle: what other processes leave free,
-    readable while this process computes (`free_cores` instead pauses and samples).
+    reading, with this process's own CPU time counted as idle (`own_is_free`): what other
+    processes leave free, readable while this process computes.
 
-    Read from /proc/stat (busy = every field but idle and iowait, steal included) and
-    `time.process_time()` (all threads of this process; its child processes count as others).
+    Read from /proc/stat (busy: every field but idle and iowait, steal included; a CPU's share
+    of the interval is its own jiffies) and `time.process_time()` (all threads of this process;
+    its child processes count as others). A failed read keeps the previous reading.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, own_is_free: bool = True) -> None:
         self.cpus = usable_cpus()
+        self.own_is_free = own_is_free
         self._hz = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
         self._last = self._read()
 
-    def _read(self) -> tuple[dict[int, tuple[int, int]], float, float] | None:
+    def _read(self) -> tuple[dict[int, tuple[int, int]], float] | None:
         try:
-            return _cpu_times(), time.process_time(), time.monotonic()
+            return _cpu_times(), time.process_time()
         except (OSError, ValueError, IndexError):
             return None
 
     def __call__(self) -> float | None:
-        """Free cores since the previous call (None: the counters cannot be read, or no time
-        has passed)."""
-        now, last = self._read(), self._last
-        self._last = now
-        if now is None or last is None or now[2] <= last[2]:
+        """Free cores since the previous reading (None: the counters cannot be read, or no
+        time has passed)."""
+        now = self._read()
+        if now is None:
             return None
-        (a, own0, t0), (b, own1, t1) = last, now
-        busy = sum((b[c][1] - a[c][1]) - (b[c][0] - a[c][0])
-                   for c in self.cpus if c in a and c in b) / self._hz
-        others = max(0.0, busy - (own1 - own0)) / (t1 - t0)
-        return max(0.0, len(self.cpus) - others)
+        last, self._last = self._last, now
+        if last is None:
+            return None
+        (a, own0), (b, own1) = last, now
+        seen = [c for c in self.cpus if c in a and c in b]
+        ticks = sum(b[c][1] - a[c][1] for c in seen)     # the CPUs' time, in jiffies
+        if ticks <= 0:
+            return None
+        busy = sum((b[c][1] - a[c][1]) - (b[c][0] - a[c][0]) for c in seen)
+        if self.own_is_free:
+            busy = max(0.0, busy - (own1 - own0) * self._hz)
+        return len(seen) * (1.0 - busy / ticks)
 
 
 class ThreadGovernor:
     """Keeps torch's intra-op thread count at the usable cores that other processes leave
-    free (`FreeCores`, rounded, at least 1), re-checked by `update()` at most every `every`
-    seconds. The run layer calls `update()` at an algorithm's step boundaries
-    (`logging_utils.RunCallbacks`), never inside a step.
+    free (`FreeCores` since the previous check, `threads_for`), re-checked by `update()` at
+    most every `every` seconds. The run layer calls `update()` between torch calls, at an
+    algorithm's events (`logging_utils.RunCallbacks`). It changes the count only when the free
+    cores differ from it by at least `margin` (so a neighbour busy about half the time does
+    not flip it every check), and leaves it alone while code has set another count itself
+    (e.g. a one-thread training loop), until that code restores it.
 
     Measured (ResNet-20, the exact search of part (d)'s round 141, 1,000 images, 2-core
     machine): with one other busy process, 2 threads took 113-124 s and 1 thread 26 s; idle,
@@ -130,12 +136,16 @@ class ThreadGovernor:
     rest of the run once a neighbour arrives (4.4x slower) or leaves (1 thread on 2 idle
     cores)."""
 
-    def __init__(self, every: float = 10.0, monitor: FreeCores | None = None) -> None:
+    def __init__(self, every: float = 10.0, margin: float = 0.6,
+                 monitor: FreeCores | None = None) -> None:
         if not every >= 0:
             raise ValueError(f"every must be a number of seconds >= 0, got {every!r}")
-        self.every = float(every)
+        if not 0.5 <= margin < 1:
+            raise ValueError(f"margin must lie in [0.5, 1) cores, got {margin!r}")
+        self.every, self.margin = float(every), float(margin)
         self.monitor = monitor if monitor is not None else FreeCores()
         self._checked = time.monotonic()
+        self._count = torch.get_num_threads()   # the count this governor last saw or set
 
     def update(self) -> tuple[int, int, float] | None:
         """(old, new threads, free cores measured) when it changed the thread count, else
@@ -145,11 +155,12 @@ class ThreadGovernor:
             return None
         self._checked = now
         free = self.monitor()
-        if free is None:
-            return None
-        want = max(1, min(len(self.monitor.cpus), int(free + 0.5)))
         old = torch.get_num_threads()
-        if want == old:
+        if free is None or old != self._count:
+            return None
+        want = threads_for(free, len(self.monitor.cpus))
+        if want == old or abs(free - old) < self.margin:
             return None
         torch.set_num_threads(want)
+        self._count = want
         return old, want, free

@@ -56,9 +56,9 @@ def common_options(out_required: bool = True, out_default: str | None = None) ->
         Option("device", "str", "auto", "cpu, cuda, cuda:N or auto (this rank's GPU if any)"),
         Option("threads", "int_or_auto", "auto", "torch CPU threads: a number, or auto = the usable cores "
                "that are idle when the command starts (sampled for 0.25 s; on a shared node this "
-               "keeps the run from waiting on cores other processes hold), re-checked at step "
-               "boundaries, at most every 10 s, in score and compress. Under torchrun: 1 per "
-               "rank unless set"),
+               "keeps the run from waiting on cores other processes hold), re-checked at most "
+               "every 10 s during the run (compress: rounds and steps; score: between layers). "
+               "Under torchrun: 1 per rank unless set"),
         Option("progress", "str", "auto", "auto: bars on a terminal, log lines otherwise",
                choices=MODES),
         Option("log_interval", "float", 60.0, "seconds between 'still running' log lines in log "

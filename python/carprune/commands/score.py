@@ -94,6 +94,7 @@ def run(settings: Mapping[str, Any], ctx: distributed.Context, run: common.Run, 
     callbacks = RunCallbacks(mode, interval=s.log_interval, ctx=ctx, preemptible=True,
                              threads=common.thread_governor(s, ctx))
     for i, layer in enumerate(layers):
+        callbacks.recheck_threads()   # scoring sends no events: between layers
         d = out / common.safe_name(layer) if multi else out
         prev = d / "scores.json"
         same = ctx.is_main and (d / "scores.npz").is_file() and same_run(prev, fp, "scores") is True
