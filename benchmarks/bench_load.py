@@ -24,16 +24,19 @@ from __future__ import annotations
 
 import argparse
 import json
+import shutil
 import subprocess
 import sys
+import tempfile
 import time
+from pathlib import Path
 
 import torch
 
 import carprune as cp
 from carprune.threads import auto_threads, usable_cpus
 
-from .common import OUT, cifar_test, naive_counts, resnet20, timed
+from .common import DATA, OUT, cifar_test, naive_counts, resnet20, timed
 
 BUSY = ("import torch\ntorch.set_num_threads(1)\na = torch.randn(512, 512)\n"
         "while True:\n    a = (a @ a).clamp_(-1, 1)\n")
@@ -52,12 +55,6 @@ def _stop(procs: list[subprocess.Popen]) -> None:
 
 
 def _midrun(args: argparse.Namespace) -> int:
-    import shutil
-    import tempfile
-    from pathlib import Path
-
-    from .common import DATA
-
     rows = []
     for threads in ("1" if args.leave else "2", "auto"):
         out = Path(tempfile.mkdtemp(prefix="carprune-midrun-"))
@@ -127,7 +124,11 @@ def main(argv: list[str] | None = None) -> int:
                     help="with --midrun: the neighbour is there from the start and leaves")
     ap.add_argument("--flops-target", type=float, default=0.9)
     args = ap.parse_args(argv)
+    if args.leave and args.midrun is None:
+        ap.error("--leave needs --midrun SECONDS (when the neighbour leaves)")
     if args.midrun is not None:
+        if not args.midrun >= 0:
+            ap.error(f"--midrun must be seconds >= 0, got {args.midrun}")
         return _midrun(args)
     model = resnet20()
     data = cifar_test().sample(args.images, seed=0)

@@ -48,7 +48,7 @@ from .config import ConfigError, Option, merge_settings, read_config, settings_o
 from .data.arrays import ImageArrayDataset
 from .graph import CutError
 from .logging_utils import log, resolve_mode, setup_logging
-from .threads import resolve_threads
+from .threads import is_auto, resolve_threads
 
 # -- the commands --------------------------------------------------------------------------------
 COMMANDS: dict[str, Callable[..., int]] = {}   # name -> run(settings, ctx, run, mode)
@@ -223,7 +223,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             raise ConfigError(f"'{cmd}' runs in one process; only {' and '.join(DISTRIBUTED)} run "
                               "under torchrun")
         threads = s.get("threads")
-        if world > 1 and threads == "auto":
+        if world > 1 and is_auto(threads):
             threads = None  # torchrun sets OMP_NUM_THREADS=1 per rank
         threads = resolve_threads(threads)
         if threads:

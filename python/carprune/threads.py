@@ -63,12 +63,17 @@ def auto_threads(sample_seconds: float = 0.25) -> int:
     return threads_for(free, len(cpus))
 
 
+def is_auto(value: object) -> bool:
+    """Whether a --threads setting is 'auto' (any case, surrounding spaces ignored)."""
+    return isinstance(value, str) and value.strip().lower() == "auto"
+
+
 def resolve_threads(value: int | str | None) -> int | None:
     """A --threads setting as a thread count: an integer >= 1, 'auto' (`auto_threads`), or
     None (leave torch's choice)."""
     if value is None:
         return None
-    if isinstance(value, str) and value.strip().lower() == "auto":
+    if is_auto(value):
         return auto_threads()
     try:
         n = int(value)
@@ -128,13 +133,9 @@ class ThreadGovernor:
     algorithm's events (`logging_utils.RunCallbacks`). It changes the count only when the free
     cores differ from it by at least `margin` (so a neighbour busy about half the time does
     not flip it every check), and leaves it alone while code has set another count itself
-    (e.g. a one-thread training loop), until that code restores it.
-
-    Measured (ResNet-20, the exact search of part (d)'s round 141, 1,000 images, 2-core
-    machine): with one other busy process, 2 threads took 113-124 s and 1 thread 26 s; idle,
-    2 threads take 14-15 s. A thread count chosen when a run starts is therefore wrong for the
-    rest of the run once a neighbour arrives (4.4x slower) or leaves (1 thread on 2 idle
-    cores)."""
+    (e.g. a one-thread training loop), until that code restores it. What it gains when a
+    neighbour arrives or leaves mid-run: `python -m benchmarks.bench_load --midrun S [--leave]`
+    (README, "Under load")."""
 
     def __init__(self, every: float = 10.0, margin: float = 0.6,
                  monitor: FreeCores | None = None) -> None:

@@ -26,7 +26,7 @@ from ..config import Option
 from ..data.arrays import ImageArrayDataset
 from ..io import update_directory, write_json
 from ..logging_utils import MODES, log
-from ..threads import ThreadGovernor
+from ..threads import ThreadGovernor, is_auto
 
 EXIT_OK = 0
 EXIT_FAILED = 1
@@ -138,7 +138,7 @@ def thread_governor(s: CommonSettings, ctx: distributed.Context) -> ThreadGovern
     """With ``--threads auto`` in one process, a `threads.ThreadGovernor` for the command's
     `RunCallbacks` (the free cores re-checked at step boundaries, at most every 10 s); else
     None (a fixed count, or torchrun's 1 thread per rank)."""
-    if str(s.threads).strip().lower() != "auto" or ctx.world_size > 1:
+    if not is_auto(s.threads) or ctx.world_size > 1:
         return None
     return ThreadGovernor()
 
