@@ -55,6 +55,18 @@ def _same_result(a, b):
     assert sa.keys() == sb.keys() and all(torch.equal(sa[k], sb[k]) for k in sa)
 
 
+def test_finetuning_after_compression_reports_its_epochs_after_the_last_step(lenet, split):
+    score, hold = split
+    rec = Recorder()
+    res = cp.compress_layer(lenet, "conv2", score, keep=48, progress=False, callbacks=rec,
+                            finetune=cp.FineTune(train_data=score, iters=4, batch_size=50))
+    algorithms = [e.algorithm for e in rec.events]
+    last = algorithms.index("finetune") - 1
+    assert set(algorithms[:last + 1]) == {"greedy"} and rec.events[last].data["finished"]
+    assert [(e.step, e.total, e.data["steps"]) for e in rec.events[last + 1:]] == [(1, 1, 4)]
+    assert res.finetuned_holdout_accuracy is None and len(res.kept) == 48
+
+
 def test_events_follow_the_trajectory(uninterrupted):
     res, rec = uninterrupted
     steps = len(res.trajectory) - 1

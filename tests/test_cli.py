@@ -209,7 +209,7 @@ def compressed(tmp_path_factory, lenet_weights, mnist_npz) -> Path:
 
 
 def test_compress_result_and_downstream_commands(compressed, tmp_path, lenet_weights, mnist_npz, lenet,
-                                                 capsys):
+                                                 capsys, monkeypatch):
     from carprune import surgery
     from carprune.deepcompress import load_compressed
     from carprune.greedy import CompressionResult
@@ -221,10 +221,15 @@ def test_compress_result_and_downstream_commands(compressed, tmp_path, lenet_wei
     assert run["state"] == "done" and (compressed / "checkpoint.json").is_file()
     # finetune: the compressed layer keeps its weights (lr 0), the others move
     ft = tmp_path / "ft"
+    checks = []   # --threads auto (the default): the free cores re-checked at each event or step
+    monkeypatch.setattr(cp.threads.ThreadGovernor, "update", lambda self: checks.append(1))
+    capsys.readouterr()
     assert cli.main(["finetune", "--model", "lenet5", "--weights", str(lenet_weights),
                      "--result", str(compressed), "--data", str(mnist_npz), "--split", "train",
                      "--mean", "0", "--std", "1", "--eval-data", str(mnist_npz), "--eval-split", "test",
-                     "--iters", "5", "--lr-other", "0.01", "--out", str(ft), "--progress", "none"]) == 0
+                     "--iters", "5", "--lr-other", "0.01", "--out", str(ft), "--progress", "log"]) == 0
+    assert "carprune INFO finetune: epoch 1/1, step 5/5, loss " in capsys.readouterr().err
+    assert len(checks) == 1   # one epoch
     tuned = CompressionResult.load(ft, architecture=cp.models.lenet5())
     assert torch.equal(tuned.model.conv2.weight, res.model.conv2.weight)
     assert not torch.equal(tuned.model.fc2.weight, res.model.fc2.weight)
@@ -235,6 +240,7 @@ def test_compress_result_and_downstream_commands(compressed, tmp_path, lenet_wei
     assert cli.main(["deep-compress", *lenet_args(lenet_weights, mnist_npz, dc, "--result", str(compressed),
                                                   "--num-images", "200", "--prune", "conv=0.5,linear=0.9",
                                                   "--bits", "6", "--kmeans-iters", "10")]) == 0
+    assert len(checks) >= 1 + 4   # and deep compression's at least once per phase
     rep = json.loads((dc / "report.json").read_text())
     assert rep["file_bytes"] == (dc / "model.cpz").stat().st_size
     back = load_compressed(dc / "model.cpz", surgery.copy_model(res.model))

@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import math
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -236,9 +237,17 @@ def _wider():
 
 def test_finetuning_trains_the_centroids_with_the_project_loop(resnet20, cifar_test):
     train = cifar_test.sample(256, seed=5)
-    res = cp.kse_compress(resnet20, G=4, progress=False, eval_data=cifar_test, eval_images=64,
+    events = []   # callbacks: an event per compressed layer, then one per fine-tuning epoch
+    rec = SimpleNamespace(on_event=events.append, should_stop=lambda: False)
+    res = cp.kse_compress(resnet20, G=4, eval_data=cifar_test, eval_images=64, callbacks=rec,
                           finetune=cp.FineTune(train_data=train, iters=3, batch_size=8))
     plain = cp.kse_compress(resnet20, G=4, progress=False)
+    kse = [e for e in events if e.algorithm == "kse"]
+    assert [(e.step, e.total, e.data["layer"]) for e in kse] == [
+        (i + 1, len(res.layers), name) for i, name in enumerate(res.layers)]
+    assert events[:len(kse)] == kse and [e.algorithm for e in events[len(kse):]] == ["finetune"]
+    assert events[-1].data["steps"] == 3
+    assert kse[0].data["removed_maps"] == res.report[0].maps_removed
     a, b = res.model.state_dict(), plain.model.state_dict()
     assert not torch.equal(a["layer2.1.conv1.centroids"], b["layer2.1.conv1.centroids"])
     assert all(torch.equal(a[k], b[k]) for k in a if k.endswith(("assign", "maps")))
@@ -257,10 +266,13 @@ def _kse_args(out, *extra):
             "--progress", "none", *extra]
 
 
-def test_cli_writes_result_and_summary(tmp_path, resnet20, capsys):
+def test_cli_writes_result_and_summary(tmp_path, resnet20, capsys, monkeypatch):
     out = tmp_path / "kse"
+    checks = []   # --threads auto (the default): the free cores re-checked at every layer's event
+    monkeypatch.setattr(cp.threads.ThreadGovernor, "update", lambda self: checks.append(1))
     assert cli.main(_kse_args(out, "--data", str(CIFAR), "--split", "test", "--num-images", "100",
                               "--G", "5")) == 0
+    assert len(checks) == 18
     res = cp.KSEResult.load(out, cp.models.resnet_cifar(20))
     ref = cp.kse_compress(resnet20, G=5, progress=False)
     assert res.report == ref.report and res.holdout_accuracy is not None

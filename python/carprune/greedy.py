@@ -251,14 +251,13 @@ def compress_layer(
         raise ValueError(f"max_drop is a relative accuracy drop in [0, 1), got {max_drop}")
     if lazy and not (isinstance(criterion, str) and criterion == "car"):
         raise ValueError("lazy re-scoring applies to the 'car' criterion only")
-    show = show_progress(progress)
     own = None
-    if callbacks is None and show:
+    if callbacks is None and show_progress(progress):
         callbacks = own = ProgressBar(f"compress {layer}", unit="filter")
     try:
         return _compress_layer(model, layer, score_data, eval_data, criterion, metric, bins, keep,
                                max_drop, filters_per_step, score_images, eval_images, finetune,
-                               checkpoint, lazy, seed, memory_budget, dtype, show, callbacks,
+                               checkpoint, lazy, seed, memory_budget, dtype, callbacks,
                                scorer_factory or LayerScorer)
     finally:
         if own is not None:
@@ -267,7 +266,7 @@ def compress_layer(
 
 def _compress_layer(model, layer, score_data, eval_data, criterion, metric, bins, keep, max_drop,
                     filters_per_step, score_images, eval_images, finetune, checkpoint, lazy, seed,
-                    memory_budget, dtype, show, callbacks, make_scorer) -> CompressionResult:
+                    memory_budget, dtype, callbacks, make_scorer) -> CompressionResult:
     # the score and hold-out scorers live side by side for the whole run: they share the budget
     share = parse_bytes(memory_budget) // (1 if eval_data is None else 2)
     scorer = make_scorer(model, layer, score_data, num_images=score_images, seed=seed,
@@ -376,14 +375,14 @@ def _compress_layer(model, layer, score_data, eval_data, criterion, metric, bins
     result = CompressionResult(layer=layer, criterion=label, num_filters=n, removed=removed,
                                kept=kept, trajectory=trajectory, config=config, model=pruned,
                                metric=measure.name)
-    if finetune is not None:
-        del tracker, scorer, holdout  # release the cached activations before fine-tuning
-        _finetune_and_evaluate(result, finetune, eval_data, eval_images, seed, show, memory_budget,
-                               measure)
     if callbacks is not None:
         callbacks.on_event(Event("greedy", len(trajectory) - 1,
                                  f"compress {layer}: kept {len(kept)} of {n} filters",
                                  data={**head, "done": n - len(kept), "finished": True}))
+    if finetune is not None:   # its epochs are events of their own ("finetune")
+        del tracker, scorer, holdout  # release the cached activations before fine-tuning
+        _finetune_and_evaluate(result, finetune, eval_data, eval_images, seed, callbacks,
+                               memory_budget, measure)
     return result
 
 
@@ -447,8 +446,8 @@ def _car_pick(scorer, alive: list[int], k: int, lazy: bool, stale: dict[int, flo
 
 
 def _finetune_and_evaluate(result: CompressionResult, cfg: FineTune, eval_data, eval_images, seed,
-                           show, memory_budget, metric=None) -> None:
-    finetune(result.model, result.layer, cfg, progress=show)
+                           callbacks, memory_budget, metric=None) -> None:
+    finetune(result.model, result.layer, cfg, callbacks)
     if eval_data is not None:
         result.finetuned_holdout_accuracy = metric_value(
             result.model, eval_data, metric=metric, num_images=eval_images, seed=seed,

@@ -48,7 +48,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from . import criteria, graph, surgery
-from .callbacks import log, progress_callbacks, show_progress
+from .callbacks import Callbacks, Event, ProgressBar, log, show_progress
 from .cost import LayerCost, count_cost, register_layer_cost
 from .data.batches import DataLike
 from .evaluate import accuracy
@@ -655,6 +655,7 @@ def kse_compress(
     eval_data: DataLike | None = None,
     eval_images: int | None = None,
     progress: bool | None = None,
+    callbacks: Callbacks | None = None,
 ) -> KSEResult:
     """Compress conv `layers` of `model` (default: every conv but the stem, `default_layers`) by
     KSE, all at once and without data; `model` itself is not changed.
@@ -669,27 +670,46 @@ def kse_compress(
     `finetune.lr_other`; the other schedule fields (iterations, batch, momentum, seed) apply as
     given. eval_data/eval_images: hold-out accuracy of the original, compressed and fine-tuned
     networks on a seeded subset.
+
+    callbacks: an `Event` ("kse") per compressed layer, then fine-tuning's per epoch. Without
+    callbacks, `progress` (True; None: on a terminal) shows a bar (`callbacks.ProgressBar`),
+    and otherwise each layer is logged at info level.
     """
     check_settings(G, alpha, T)
+    own = None
+    if callbacks is None and show_progress(progress):
+        callbacks = own = ProgressBar("KSE", unit="layer", leave=False)
+    try:
+        return _kse_compress(model, int(G), float(alpha), layers, int(T), int(seed), input_shape,
+                             finetune, eval_data, eval_images, callbacks)
+    finally:
+        if own is not None:
+            own.close()
+
+
+def _kse_compress(model, G, alpha, layers, T, seed, input_shape, finetune, eval_data, eval_images,
+                  callbacks) -> KSEResult:
     shape = tuple(int(s) for s in input_shape)
     work = surgery.copy_model(model).eval()
     names = resolve_layers(work, layers)
-    show = show_progress(progress)
     before = count_cost(work, shape)
     acc0 = accuracy(work, eval_data, num_images=eval_images, seed=seed) if eval_data is not None else None
     t0 = time.perf_counter()
     modules = dict(work.named_modules())
     done: list[tuple[str, list[float], list[int]]] = []
-    with progress_callbacks(show, "KSE", total=len(names), unit="layer", leave=False) as bar:
-        for i, name in enumerate(names):
-            new, v, q = _compress_conv(modules[name], name, int(G), float(alpha), int(T), int(seed))
-            surgery._set_submodule(work, name, new)
-            done.append((name, v, q))
-            if show:
-                bar.update(1)
-            else:
-                log.info("KSE %d/%d %s: %d of %d input maps removed, %d centroids for %d kernels",
-                         i + 1, len(names), name, q.count(0), len(q), sum(q), len(q) * new.out_channels)
+    for i, name in enumerate(names):
+        t1 = time.perf_counter()
+        new, v, q = _compress_conv(modules[name], name, G, alpha, T, seed)
+        surgery._set_submodule(work, name, new)
+        done.append((name, v, q))
+        msg = (f"KSE {i + 1}/{len(names)} {name}: {q.count(0)} of {len(q)} input maps removed, "
+               f"{sum(q)} centroids for {len(q) * new.out_channels} kernels")
+        if callbacks is None:
+            log.info("%s", msg)
+        else:
+            callbacks.on_event(Event("kse", i + 1, msg, total=len(names), data={
+                "label": "KSE", "unit": "layer", "layer": name, "removed_maps": q.count(0),
+                "centroids": sum(q), "seconds": time.perf_counter() - t1}))
     seconds = time.perf_counter() - t0
     after = count_cost(work, shape)
     report = []
@@ -698,10 +718,10 @@ def kse_compress(
         conv = modules[name]
         report.append(KSELayer(name, conv.in_channels, conv.out_channels, list(conv.kernel_size), v, q,
                                q.count(0), b.params, a.params, b.flops, a.flops))
-    config = {"G": int(G), "alpha": float(alpha), "T": int(T), "seed": int(seed),
+    config = {"G": G, "alpha": alpha, "T": T, "seed": seed,
               "layers": names, "input_shape": list(shape), "eval_images": eval_images,
               "finetune": finetune.describe() if finetune is not None else None}
-    result = KSEResult(G=int(G), alpha=float(alpha), T=int(T), seed=int(seed), layers=names,
+    result = KSEResult(G=G, alpha=alpha, T=T, seed=seed, layers=names,
                        report=report, input_shape=list(shape), flops_before=before.total_flops,
                        flops_after=after.total_flops, params_before=before.total_params,
                        params_after=after.total_params, seconds=seconds,
@@ -710,7 +730,7 @@ def kse_compress(
         result.holdout_accuracy = accuracy(work, eval_data, num_images=eval_images, seed=seed)
     if finetune is not None:
         t1 = time.perf_counter()
-        finetune_kse(work, finetune, progress=show)
+        finetune_kse(work, finetune, callbacks)
         result.finetune_seconds = time.perf_counter() - t1
         if eval_data is not None:
             result.finetuned_holdout_accuracy = accuracy(work, eval_data, num_images=eval_images, seed=seed)
@@ -720,7 +740,8 @@ def kse_compress(
     return result
 
 
-def finetune_kse(model: nn.Module, cfg: FineTune, progress: bool | None = None) -> nn.Module:
+def finetune_kse(model: nn.Module, cfg: FineTune, callbacks: Callbacks | None = None) -> nn.Module:
     """Fine-tune a KSE-compressed network in place with `carprune.finetune`: with no single
-    compressed layer named, every parameter trains at `cfg.lr_other` (see `kse_compress`)."""
-    return finetune(model, [], cfg, progress=progress)
+    compressed layer named, every parameter trains at `cfg.lr_other` (see `kse_compress`);
+    `callbacks` hear of every epoch."""
+    return finetune(model, [], cfg, callbacks)

@@ -121,6 +121,18 @@ def heartbeat(activity: str, interval: float, enabled: bool = True) -> Iterator[
         th.join()
 
 
+def recheck_threads(governor: ThreadGovernor | None) -> None:
+    """`governor.update()` (nothing without one), a change logged at info level: the run
+    layer's one way to follow the free cores (`RunCallbacks`, `PhaseProgress`)."""
+    if governor is None:
+        return
+    change = governor.update()
+    if change is not None:
+        old, n, free = change
+        log.info("CPU threads %d -> %d (other processes leave %.1f of %d cores free)",
+                 old, n, free, len(governor.monitor.cpus))
+
+
 class RunCallbacks:
     """The run layer's `carprune.callbacks.Callbacks`: shows an algorithm's step events and
     answers its "should I stop now?".
@@ -163,15 +175,9 @@ class RunCallbacks:
 
     # -- Callbacks ---------------------------------------------------------------------------------
     def recheck_threads(self) -> None:
-        """`threads.update()` (if a governor was given), its change logged. Called at every
-        event; a command whose algorithm sends none calls it at its own step boundaries."""
-        if self.threads is None:
-            return
-        change = self.threads.update()
-        if change is not None:
-            old, n, free = change
-            log.info("CPU threads %d -> %d (other processes leave %.1f of %d cores free)",
-                     old, n, free, len(self.threads.monitor.cpus))
+        """`recheck_threads(self.threads)`. Called at every event; a command whose algorithm
+        sends none calls it at its own step boundaries."""
+        recheck_threads(self.threads)
 
     def on_event(self, event: Event) -> None:
         self.recheck_threads()
@@ -265,12 +271,16 @@ class PhaseProgress:
       heartbeat thread, so a step that takes minutes still shows where the run is;
     - 'none': nothing.
 
-    Use it as a context manager (the heartbeat thread and bars end with the block)."""
+    `threads`: a `threads.ThreadGovernor` re-checked at every call (`recheck_threads`; it
+    measures at most every 10 s), in any mode. Use it as a context manager (the heartbeat
+    thread and bars end with the block)."""
 
-    def __init__(self, mode: str, interval: float = 60.0, activity: str = "") -> None:
+    def __init__(self, mode: str, interval: float = 60.0, activity: str = "", *,
+                 threads: ThreadGovernor | None = None) -> None:
         if mode not in ("bar", "log", "none"):
             raise ValueError(f"mode must be 'bar', 'log' or 'none', got {mode!r}")
         self.mode, self.interval, self.activity = mode, interval, activity
+        self.threads = threads
         self._phase: str | None = None
         self._state: tuple[str, int, int, Mapping[str, Any]] | None = None
         self._t0 = self._tp = time.monotonic()
@@ -283,6 +293,7 @@ class PhaseProgress:
 
     def __call__(self, phase: str, done: int, total: int, info: Mapping[str, Any] | None = None
                  ) -> None:
+        recheck_threads(self.threads)
         info = dict(info or {})
         if self.mode == "none":
             return

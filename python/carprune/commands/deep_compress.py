@@ -94,8 +94,9 @@ def run(settings: Mapping[str, Any], ctx: distributed.Context, run: common.Run, 
     if s.train_data or s.train_split:
         train = common.load_data(s, ctx, s.train_data or s.data, s.train_split)
     # progress per phase: bars on a terminal; in batch logs a line per phase and every
-    # --log-interval seconds (phase, step, loss)
-    with PhaseProgress(mode, s.log_interval, "deep compression") as on_progress:
+    # --log-interval seconds (phase, step, loss); --threads auto re-checked at its steps
+    with PhaseProgress(mode, s.log_interval, "deep compression",
+                       threads=common.thread_governor(s, ctx)) as on_progress:
         res = deep_compress(model, train, evald, layers=None if s.layers is None else list(s.layers),
                             prune=s.prune, bits=s.bits, index_bits=s.index_bits,
                             finetune_iters=s.finetune_iters, lr=s.lr, optimizer=s.optimizer,

@@ -20,7 +20,7 @@ from .. import distributed
 from ..config import ConfigError, Option, settings_object
 from ..evaluate import accuracy
 from ..io import atomic_open, write_json
-from ..logging_utils import heartbeat
+from ..logging_utils import RunCallbacks
 from . import _common as common
 
 NAME = "finetune"
@@ -87,8 +87,11 @@ def run(settings: Mapping[str, Any], ctx: distributed.Context, run: common.Run, 
                    weight_decay=s.weight_decay, seed=s.seed)
     before = (None if evald is None else accuracy(model, evald, num_images=s.eval_images, seed=s.seed))
     t0 = time.monotonic()
-    with heartbeat(f"fine-tuning {layer}", s.log_interval, mode == "log"):
-        finetune(model, layer, cfg, progress=mode == "bar")
+    # an event per epoch (bar or log line), a heartbeat between them in batch logs;
+    # --threads auto re-checked at each
+    with RunCallbacks(mode, interval=s.log_interval, ctx=ctx,
+                      threads=common.thread_governor(s, ctx)) as callbacks:
+        finetune(model, layer, cfg, callbacks)
     after = (None if evald is None else accuracy(model, evald, num_images=s.eval_images, seed=s.seed))
     doc = {"format": "carprune.finetune", "layer": layer, "settings": cfg.describe(),
            "accuracy_before": before, "accuracy_after": after,

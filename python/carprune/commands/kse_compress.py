@@ -18,7 +18,7 @@ from typing import Any
 from .. import distributed
 from ..config import ConfigError, Option, settings_object
 from ..io import atomic_write
-from ..logging_utils import format_seconds, heartbeat, log
+from ..logging_utils import RunCallbacks, format_seconds, log
 from . import _common as common
 
 NAME = "kse-compress"
@@ -91,10 +91,13 @@ def run(settings: Mapping[str, Any], ctx: distributed.Context, run: common.Run, 
         ft = FineTune(train_data=train, iters=s.finetune_iters,
                       batch_size=s.finetune_batch_size, lr_other=s.finetune_lr, seed=s.seed)
     t0 = time.monotonic()
-    with heartbeat("KSE compression", s.log_interval, mode == "log"):
+    # an event per layer and per fine-tuning epoch (bar or log line), a heartbeat between
+    # them in batch logs; --threads auto re-checked at each
+    with RunCallbacks(mode, interval=s.log_interval, ctx=ctx,
+                      threads=common.thread_governor(s, ctx)) as callbacks:
         res = kse_compress(model, G=s.G, alpha=s.alpha, layers=layers, T=s.T,
                            seed=s.seed, input_shape=shape, finetune=ft, eval_data=evald,
-                           eval_images=s.num_images, progress=mode == "bar")
+                           eval_images=s.num_images, callbacks=callbacks)
     res.model = res.model.cpu()
     md = res.to_markdown()
     atomic_write(out / "summary.md", lambda f: f.write(f"# KSE, G={res.G}\n\n{md}\n"), mode="w")
