@@ -17,6 +17,7 @@ from typing import Any
 import torch
 
 from .. import distributed
+from ..callbacks import Event
 from ..config import ConfigError, Option, settings_object
 from ..evaluate import accuracy
 from ..io import atomic_open, write_json
@@ -91,6 +92,7 @@ def run(settings: Mapping[str, Any], ctx: distributed.Context, run: common.Run, 
     # --threads auto re-checked at each
     with RunCallbacks(mode, interval=s.log_interval, ctx=ctx,
                       threads=common.thread_governor(s, ctx)) as callbacks:
+        callbacks.on_event(Event("finetune", 0, f"fine-tuning {layer}: {cfg.iters} iterations"))
         finetune(model, layer, cfg, callbacks)
     after = (None if evald is None else accuracy(model, evald, num_images=s.eval_images, seed=s.seed))
     doc = {"format": "carprune.finetune", "layer": layer, "settings": cfg.describe(),
