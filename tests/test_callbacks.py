@@ -67,6 +67,23 @@ def test_finetuning_after_compression_reports_its_epochs_after_the_last_step(len
     assert res.finetuned_holdout_accuracy is None and len(res.kept) == 48
 
 
+def test_a_checkpoint_resumes_only_the_same_model_on_the_same_images(lenet, split, tmp_path):
+    score, hold = split
+    ck = tmp_path / "ck.json"
+    first = cp.compress_layer(lenet, "conv2", score, eval_data=hold, checkpoint=ck, keep=48,
+                              progress=False)
+    again = cp.compress_layer(lenet, "conv2", score, eval_data=hold, checkpoint=ck, keep=48,
+                              progress=False)
+    assert again.removed == first.removed and again.trajectory == first.trajectory
+    other = cp.surgery.copy_model(lenet)
+    with torch.no_grad():
+        other.conv1.weight[0, 0, 0, 0] += 1e-3
+    for model, data, what in ((other, score, "model_state"), (lenet, hold, "score_data")):
+        with pytest.raises(ValueError, match=rf"different run \({what}: \S+ -> \S+\); use"):
+            cp.compress_layer(model, "conv2", data, eval_data=hold, checkpoint=ck, keep=48,
+                              progress=False)
+
+
 def test_events_follow_the_trajectory(uninterrupted):
     res, rec = uninterrupted
     steps = len(res.trajectory) - 1

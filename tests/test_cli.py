@@ -160,6 +160,19 @@ def test_quickstart_score_writes_scores_prints_summary_and_resumes(tmp_path, res
     assert ref.summary() in again.stdout and (out / "scores.npz").stat().st_mtime_ns == mtime
 
 
+def test_score_into_an_output_of_another_layer_scores_that_layer(tmp_path, lenet_weights, mnist_npz,
+                                                                lenet):
+    out = tmp_path / "s"
+    for layer in ("conv1", "conv2"):
+        assert cli.main(["score", *lenet_args(lenet_weights, mnist_npz, out, "--layer", layer,
+                                              "--num-images", "100")]) == 0
+    got = cp.LayerScores.load(out / "scores.npz")
+    assert got.layer == "conv2" and json.loads((out / "scores.json").read_text())["layer"] == "conv2"
+    ref = cp.score_layer(lenet, "conv2", specs.load_data(mnist_npz, "test", mean=[0], std=[1]),
+                         num_images=100, progress=False)
+    assert torch.equal(got.counts, ref.counts)
+
+
 def test_score_several_layers_in_process(tmp_path, lenet_weights, mnist_npz, lenet, capsys,
                                         monkeypatch):
     out = tmp_path / "s"

@@ -128,8 +128,16 @@ def test_stop_and_resume_give_the_same_result_and_it_saves(tmp_path, lenet, lene
     again = compress_global(lenet, "all", score, checkpoint=ck, **kw)
     assert again.removed == full.removed
     assert [r.flops for r in again.trajectory] == [r.flops for r in full.trajectory]
-    with pytest.raises(ValueError, match="belongs to a different run"):
+    with pytest.raises(ValueError, match="belongs to a different run .*flops_target: 0.85 -> 0.8"):
         compress_global(lenet, "all", score, checkpoint=ck, **{**kw, "flops_target": 0.8})
+    # the same settings on another model or other images: refused, never the old trajectory
+    other = cp.surgery.copy_model(lenet)
+    with torch.no_grad():
+        other.fc2.bias[0] += 1e-3
+    with pytest.raises(ValueError, match=r"different run \(model_state: "):
+        compress_global(other, "all", score, checkpoint=ck, **kw)
+    with pytest.raises(ValueError, match=r"different run \(score_data: "):
+        compress_global(lenet, "all", hold, checkpoint=ck, **kw)
     out = full.save(tmp_path / "res")
     back = GlobalCompressionResult.load(out, cp.models.lenet5())
     assert back.removed == full.removed and back.trajectory == full.trajectory

@@ -3,11 +3,14 @@ directories replaced whole (a reader finds the old or the new one, never a mixtu
 directory's files updated with its completion marker last; run fingerprints and the one resume
 check (`same_run`)."""
 
+import hashlib
 import os
+import shutil
 import stat
 from pathlib import Path
 
 import pytest
+import torch
 
 from carprune import io as cio
 from carprune.io import atomic_write, read_json, write_json
@@ -161,14 +164,48 @@ def test_fingerprint_ignores_key_order_and_list_kind():
     assert len(a) == 16 and int(a, 16) >= 0
 
 
-def test_file_identity_changes_with_the_file(tmp_path):
+def test_file_identity_follows_contents_not_place_or_time(tmp_path):
     f = tmp_path / "w.pt"
     assert cio.file_identity(None) is None and cio.file_identity(f) == str(f)
     f.write_bytes(b"abc")
     first = cio.file_identity(f)
-    assert first[0] == str(f.resolve()) and first[1] == 3
-    os.utime(f, ns=(first[2] + 10**9, first[2] + 10**9))
+    assert first == ["file", 3, hashlib.sha256(b"abc").hexdigest()[:16]]
+    st = f.stat()
+    os.utime(f, ns=(st.st_mtime_ns + 10**9, st.st_mtime_ns + 10**9))   # touched: the same file
+    assert cio.file_identity(f) == first
+    (tmp_path / "scratch").mkdir()
+    copy = shutil.copy(f, tmp_path / "scratch" / "w.pt")   # copied to node-local scratch
+    assert cio.file_identity(copy) == first
+    f.write_bytes(b"abd")                                  # edited, same size
     assert cio.file_identity(f) != first
+    # a directory: every file's relative path, size and mtime (copies that keep mtimes resume)
+    d = tmp_path / "imgs"
+    (d / "cat").mkdir(parents=True)
+    (d / "cat" / "0.jpg").write_bytes(b"x" * 10)
+    tree = cio.file_identity(d)
+    assert tree[0] == "dir" and cio.file_identity(shutil.copytree(d, tmp_path / "c2")) == tree
+    (d / "cat" / "1.jpg").write_bytes(b"y")
+    assert cio.file_identity(d) != tree
+
+
+def test_config_difference_names_what_changed():
+    old = {"seed": 0, "model_state": "aa", "layer": "conv2"}
+    assert cio.config_difference(old, {"seed": 0, "model_state": "bb", "layer": "conv2"}) == \
+        'model_state: "aa" -> "bb"'
+    assert cio.config_difference(old, {"seed": 1, "layer": "conv2", "x": (1, 2)}) == \
+        'model_state: "aa" -> "(none)"; seed: 0 -> 1; x: "(none)" -> [1, 2]'
+    assert cio.config_difference(None, old) == "no settings recorded"
+
+
+def test_tensor_digest_sees_values_dtypes_shapes_and_names():
+    t = torch.arange(6, dtype=torch.float32)
+    a = cio.tensor_digest([("w", t)])
+    assert a == cio.tensor_digest([("w", t.clone())]) and len(a) == 16
+    assert a == cio.tensor_digest([("w", t.view(2, 3).t().contiguous().t().reshape(-1))])
+    for other in ([("w", torch.where(t == 5, torch.nextafter(t, t + 1), t))], [("w", t.double())], [("w", t.view(2, 3))],
+                  [("v", t)]):
+        assert cio.tensor_digest(other) != a
+    assert cio.tensor_digest([("s", torch.tensor(1.5))]) != cio.tensor_digest([("s", torch.tensor(2.5))])
 
 
 def test_same_run(tmp_path):

@@ -41,11 +41,11 @@ from torch import nn
 
 from . import metrics, surgery
 from .callbacks import Callbacks, Event, stop_point
-from .data.batches import DataLike, load_batch
+from .data.batches import DataLike, load_batch, run_identity
 from .evaluate import metric_value
 from .greedy import CompressionResult, compress_layer
 from .importance import CAR, Importance, get_importance
-from .io import fingerprint, read_json, same_run, write_json
+from .io import config_difference, fingerprint, read_json, same_run, write_json
 from .results import PrunedModelResult
 from .units import UnitAnalysis, prunable_units
 
@@ -283,6 +283,8 @@ def compress_global(
               "seed": seed,
               "metric": metric_name, "bins": bins if not hasattr(bins, "__len__") else list(bins),
               "input_shape": list(x.shape[1:]), **extra}
+    if checkpoint is not None:   # a checkpoint resumes only the same model on the same images
+        config.update(run_identity(model, score_data, score_images, eval_data, eval_images, seed))
     fp = fingerprint(config)
     base_flops, _ = analysis.cost()
     base_params = analysis.total_params()
@@ -291,8 +293,10 @@ def compress_global(
     ckpt = Path(checkpoint) if checkpoint is not None else None
     if ckpt is not None and same_run(ckpt, fp, "checkpoint", strict=True) is not None:
         if not same_run(ckpt, fp, "checkpoint", strict=True):
-            raise ValueError(f"checkpoint {ckpt} belongs to a different run (other settings or "
-                             "data); use another path or delete it")
+            old = read_json(ckpt, "checkpoint").get("config")
+            raise ValueError(f"checkpoint {ckpt} belongs to a different run "
+                             f"({config_difference(old, config)}); use another path, or delete "
+                             "it to start over")
         state = read_json(ckpt, "checkpoint")
         trajectory = [GlobalRound(**{**r, "removed": [RemovedChannel(**c) for c in r["removed"]]})
                       for r in state["trajectory"]]

@@ -36,11 +36,11 @@ from torch import nn
 from . import criteria, graph, metrics, surgery
 from .callbacks import Callbacks, Event, ProgressBar, show_progress, stop_point
 from .cost import count_cost
-from .data.batches import DataLike, num_items
+from .data.batches import DataLike, num_items, run_identity
 from .engine import LayerScorer, parse_bytes
 from .evaluate import metric_value
 from .finetune import FineTune, finetune
-from .io import fingerprint, read_json, same_run, write_json
+from .io import config_difference, fingerprint, read_json, same_run, write_json
 from .results import PrunedModelResult
 
 CRITERIA = ("car", "random", "mean_in", "mean_out", "l1", "kse")
@@ -297,15 +297,17 @@ def _compress_layer(model, layer, score_data, eval_data, criterion, metric, bins
               "finetune": finetune.describe() if finetune is not None else None}
     if measure.name != "top1" or bins is not None:   # (top-1 runs keep their fingerprints)
         config.update(metric=measure.name, bins=bins if not hasattr(bins, "__len__") else list(bins))
+    if checkpoint is not None:   # a checkpoint resumes only the same model on the same images
+        config.update(run_identity(model, score_data, score_images, eval_data, eval_images, seed))
     fp = fingerprint(config)
     tracker = _Tracker(scorer, holdout)
     trajectory: list[Step] = []
     ckpt = Path(checkpoint) if checkpoint is not None else None
     same = same_run(ckpt, fp, "checkpoint", strict=True) if ckpt is not None else None
     if same is False:
-        raise ValueError(f"checkpoint {ckpt} belongs to a different run "
-                         f"({read_json(ckpt, 'checkpoint').get('config')} vs {config}); use "
-                         "another path")
+        raise ValueError(f"checkpoint {ckpt} belongs to a different run ("
+                         f"{config_difference(read_json(ckpt, 'checkpoint').get('config'), config)}"
+                         "); use another path, or delete it to start over")
     if same:
         state = read_json(ckpt, "checkpoint")
         trajectory = [Step(**s) for s in state["trajectory"]]

@@ -12,7 +12,7 @@ import json
 import os
 import shutil
 import tempfile
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from contextlib import contextmanager
 from pathlib import Path
 from typing import IO, Any
@@ -151,17 +151,67 @@ def fingerprint(obj: Any) -> str:
     return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
+def tensor_digest(named: Iterable[tuple[str, Any]]) -> str:
+    """A digest of named tensors' names, dtypes, shapes and values (e.g. a model's
+    ``state_dict().items()``): the identity of what a run computed with."""
+    import torch
+
+    h = hashlib.sha256()
+    for name, t in named:
+        t = torch.as_tensor(t).detach().cpu()
+        h.update(f"{name}|{t.dtype}|{tuple(t.shape)}\n".encode())
+        if t.numel():
+            h.update(t.contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()[:16]
+
+
+_CONTENT: dict[tuple[str, int, int, int], str] = {}   # (path, size, mtime, inode) -> sha256
+
+
+def _content_digest(p: Path, st: os.stat_result) -> str:
+    key = (str(p.resolve()), st.st_size, st.st_mtime_ns, st.st_ino)
+    if key not in _CONTENT:
+        h = hashlib.sha256()
+        with open(p, "rb") as f:
+            for block in iter(lambda: f.read(1 << 22), b""):
+                h.update(block)
+        _CONTENT[key] = h.hexdigest()[:16]
+    return _CONTENT[key]
+
+
 def file_identity(path: str | os.PathLike | None) -> Any:
-    """A file or directory a run reads, as [resolved path, size (files), mtime in ns], for a
-    fingerprint: a resumed run must read the same files. A missing path is its string; None
-    stays None."""
+    """A file or directory a run reads, for a fingerprint: a resumed run must read the same
+    files. A file is ["file", size, SHA-256 of its contents], so the same file copied elsewhere
+    (node-local scratch) or touched still resumes, and an edited one does not; each file is read
+    once per process. A directory (an ImageFolder tree) is ["dir", a digest of every file's
+    relative path, size and mtime]: it resumes where copies keep mtimes (``rsync -a``,
+    ``cp -p``). A missing path is its string; None stays None."""
     if path is None:
         return None
     p = Path(path)
     if not p.exists():
         return str(p)
+    if p.is_dir():
+        h = hashlib.sha256()
+        for f in sorted(q for q in p.rglob("*") if q.is_file()):
+            st = f.stat()
+            h.update(f"{f.relative_to(p).as_posix()}|{st.st_size}|{st.st_mtime_ns}\n".encode())
+        return ["dir", h.hexdigest()[:16]]
     st = p.stat()
-    return [str(p.resolve()), st.st_size if p.is_file() else None, st.st_mtime_ns]
+    return ["file", st.st_size, _content_digest(p, st)]
+
+
+def config_difference(old: Any, new: Mapping[str, Any]) -> str:
+    """What differs between a recorded run's settings `old` and this run's `new` (JSON-like
+    dicts), as "key: recorded -> now" items for an error message; "no settings recorded" when
+    `old` is not a dict."""
+    if not isinstance(old, dict):
+        return "no settings recorded"
+    new = json.loads(json.dumps(new, sort_keys=True, default=str))
+    items = [f"{k}: {json.dumps(old.get(k, '(none)'), default=str)} -> "
+             f"{json.dumps(new.get(k, '(none)'), default=str)}"
+             for k in sorted(set(old) | set(new)) if old.get(k) != new.get(k)]
+    return "; ".join(items) if items else "the same settings, another fingerprint version"
 
 
 def same_run(path: str | os.PathLike, fp: str, what: str = "record", *, strict: bool = False

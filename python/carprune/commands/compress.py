@@ -35,7 +35,7 @@ from typing import Any
 from .. import distributed
 from ..callbacks import Callbacks, Event
 from ..config import ConfigError, Option, settings_object
-from ..io import file_identity, fingerprint, same_run, write_json
+from ..io import config_difference, file_identity, fingerprint, read_json, same_run, write_json
 from ..logging_utils import RunCallbacks, log
 from . import _common as common
 
@@ -162,7 +162,8 @@ class Settings(common.ScoringSettings, common.TrainSettings, common.EvalSettings
                                                "split", "mean", "std", "classes", "channels",
                                                "eval_data", "eval_split", "train_data",
                                                "train_split")}
-        basis.update(weights=file_identity(self.weights), data=file_identity(self.data))
+        basis.update({k: file_identity(getattr(self, k))
+                      for k in ("weights", "data", "eval_data", "train_data")})
         return basis
 
 
@@ -184,8 +185,10 @@ def checkpoint_for_rank(ckpt: Path, basis: Mapping[str, Any], ctx: distributed.C
     if ctx.is_main:
         if ckpt.exists():
             if same_run(side, fp, "checkpoint settings") is False:
-                msg = (f"{ckpt} belongs to a run with other model/data settings (see {side}); use "
-                       "another --out or --checkpoint, or delete the checkpoint to start over")
+                old = read_json(side, "checkpoint settings").get("settings")
+                msg = (f"{ckpt} belongs to a run with other model/data settings "
+                       f"({config_difference(old, common.jsonable(basis))}; recorded in {side}); "
+                       "use another --out or --checkpoint, or delete the checkpoint to start over")
             else:
                 text = ckpt.read_text()
         if msg is None:

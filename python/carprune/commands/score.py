@@ -22,7 +22,7 @@ from .. import distributed, graph
 from ..callbacks import stop_point
 from ..config import Option, settings_object
 from ..graph import CutError
-from ..io import file_identity, fingerprint, same_run, write_json
+from ..io import file_identity, fingerprint, read_json, same_run, write_json
 from ..logging_utils import RunCallbacks, format_seconds, heartbeat, log
 from ..scores import LayerScores
 from . import _common as common
@@ -74,6 +74,13 @@ class Settings(common.ScoringSettings, common.DataSettings, common.ModelSettings
         basis["data"] = file_identity(self.data)
         return basis
 
+    def same_scores(self, record: Path, fp: str, layer: str) -> bool:
+        """Whether `record` (a scores.json) holds `layer`'s scores from a run with fingerprint
+        `fp` (the fingerprint leaves the layer out: one run's layers share it)."""
+        if not (record.with_name("scores.npz").is_file() and same_run(record, fp, "scores")):
+            return False
+        return read_json(record, "scores").get("layer") == layer
+
 
 def layers_of(model: nn.Module, wanted: Sequence[str]) -> tuple[list[str], bool]:
     """The layers to score, and whether they are 'all' (then a layer without a cut is skipped)."""
@@ -97,7 +104,7 @@ def run(settings: Mapping[str, Any], ctx: distributed.Context, run: common.Run, 
         callbacks.recheck_threads()   # scoring sends no events: between layers
         d = out / common.safe_name(layer) if multi else out
         prev = d / "scores.json"
-        same = ctx.is_main and (d / "scores.npz").is_file() and same_run(prev, fp, "scores") is True
+        same = ctx.is_main and s.same_scores(prev, fp, layer)
         if ctx.broadcast_object(same):  # rank 0 decides: other nodes may not see its files
             log.info("%s: already scored in %s (resuming)", layer, d)
             if ctx.is_main:

@@ -141,6 +141,39 @@ def class_names(data: DataLike, num_classes: int, classes: Sequence[str] | None 
     return [str(c) for c in range(num_classes)]
 
 
+def data_digest(data: DataLike, num_images: int | None = None, seed: int = 0,
+                rows: int = 512) -> str:
+    """A digest of the images and targets a run reads from `data`: those of
+    ``pick_indices(num_items(data), num_images, seed)``, the seeded subset every scorer and
+    evaluator of this package draws (so a checkpoint can tell other data from the same)."""
+    from ..io import tensor_digest
+
+    n = num_items(data)
+    idx = pick_indices(n, num_images if num_images is not None and num_images < n else None, seed)
+
+    def parts():
+        yield "indices", torch.from_numpy(idx)
+        for i in range(0, len(idx), rows):
+            x, y = load_batch(data, idx[i:i + rows])
+            yield "x", x
+            yield "y", y
+
+    return tensor_digest(parts())
+
+
+def run_identity(model: Any, score_data: DataLike, score_images: int | None,
+                 eval_data: DataLike | None, eval_images: int | None, seed: int
+                 ) -> dict[str, str | None]:
+    """What a checkpoint records so that only the same run resumes from it: digests of the
+    model's state (`io.tensor_digest`) and of the scoring and hold-out images the run reads
+    (`data_digest`)."""
+    from ..io import tensor_digest
+
+    return {"model_state": tensor_digest(model.state_dict().items()),
+            "score_data": data_digest(score_data, score_images, seed),
+            "eval_data": None if eval_data is None else data_digest(eval_data, eval_images, seed)}
+
+
 def pick_indices(n_total: int, num_images: int | None, seed: int) -> np.ndarray:
     """All indices, or a seeded random subset of `num_images` (sorted, for locality)."""
     if n_total == 0:
