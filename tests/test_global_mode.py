@@ -149,10 +149,31 @@ def test_stop_and_resume_give_the_same_result_and_it_saves(tmp_path, lenet, lene
 def test_max_drop_undoes_the_round_that_crosses_it(lenet, lenet_split):
     score, hold = lenet_split
     res = compress_global(lenet, ["conv2"], score, eval_data=hold, max_drop=0.0, per_round=1,
-                          criterion="random")
+                          score_images=100)
     assert "undone" in res.stopped
     base = res.base_holdout_accuracy
     assert all(r.holdout_accuracy >= base for r in res.trajectory)
+
+
+def test_max_drop_keeps_the_longest_prefix_of_a_ranking_that_is_not_rescored(lenet, lenet_split):
+    # such a ranking removes its whole order in one round: max_drop must cut that order, not
+    # undo it (it removed nothing before)
+    score, hold = lenet_split
+    order = [(r.unit, r.channel) for r in compress_global(
+        lenet, "all", score, flops_target=0.01, criterion="l1").trajectory[0].removed]
+    res = compress_global(lenet, "all", score, eval_data=hold, max_drop=0.02, criterion="l1")
+    k = len(res.trajectory[0].removed)
+    assert len(res.trajectory) == 1 and 0 < k < len(order)
+    assert [(r.unit, r.channel) for r in res.trajectory[0].removed] == order[:k]
+    base = res.base_holdout_accuracy
+    assert res.trajectory[0].holdout_accuracy >= 0.98 * base
+    assert f"first {k + 1} channels would take" in res.stopped and f"kept the first {k}" in res.stopped
+    for n, within in ((k, True), (k + 1, False)):   # the cut is where max_drop says
+        removed: dict = {}
+        for u, c in order[:n]:
+            removed.setdefault(u, []).append(c)
+        acc = cp.evaluate.accuracy(cp.prune_units(lenet, removed, score.batch([0])[0]), hold)
+        assert (acc >= 0.98 * base) is within
 
 
 def test_static_criteria_rank_once_and_reach_the_target(resnet20, cifar_test):

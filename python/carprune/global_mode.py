@@ -21,8 +21,10 @@ that adds into it, a squeeze-excite gate with its channel, concatenated channels
 The run stops when the FLOPs reach `flops_target` x the original, or before the round that
 would take the metric beyond a relative `max_drop` of the original, as `compress_layer` measures
 it (accuracy-like metrics below (1 - max_drop) x, error-like ones above (1 + max_drop) x; hold-out
-split if given, else the scoring split; that round is undone), or when no unit can lose another
-channel (`min_channels`). A JSON checkpoint is written after every round; the same call resumes
+split if given, else the scoring split; that round is undone; a criterion that is not re-scored
+takes its whole ranking in one round, so there the round keeps the longest prefix of its ranking
+within `max_drop`, found by bisection), or when no unit can lose another channel
+(`min_channels`). A JSON checkpoint is written after every round; the same call resumes
 from it. The run reports each round to its `callbacks` and stops (raising `callbacks.Stopped`)
 when they ask, right after a checkpoint.
 """
@@ -240,7 +242,8 @@ def compress_global(
     removes (default 1: strict greedy, full re-scoring after every channel; more per round is a
     faster shortcut that changes choices: measured in the README); criteria that are not
     re-scored (weight magnitudes, random) rank all channels once and remove them in that order
-    without the one-per-unit limit, as one-shot global pruning does. `cost_aware`: rank by
+    without the one-per-unit limit, as one-shot global pruning does (with `max_drop`, the
+    longest prefix of that order within it, by bisection). `cost_aware`: rank by
     importance per FLOP saved (default) or by importance alone. `example_input`: a batch with
     the input shape (default: the first scoring image). `metric`/`bins` as `score_layer`: what
     CAR ranks by and what the trajectory tracks. `search`: a criterion with a `search` method
@@ -314,6 +317,14 @@ def compress_global(
         return s, h
 
     base_s, base_h = evaluate(model)
+    base_acc = base_h if base_h is not None else base_s
+
+    def within(acc_s: float, acc_h: float | None) -> bool:
+        """Whether a network measured at (`acc_s`, `acc_h`) is within `max_drop`."""
+        acc = acc_h if acc_h is not None else acc_s
+        return max_drop is None or (acc >= (1 - max_drop) * base_acc if higher
+                                    else acc <= (1 + max_drop) * base_acc)
+
     target = None if flops_target is None else flops_target * base_flops
     cb = callbacks
     stopped = ""
@@ -379,15 +390,41 @@ def compress_global(
                 if (imp.rescore and len(chosen) >= per_round) or (
                         target is not None and analysis.cost(trial)[0] <= target):
                     break
-            after = _current_model(model, analysis, trial, x)
-            acc_s, acc_h = evaluate(after)
-            acc = acc_h if acc_h is not None else acc_s
-            base_acc = base_h if base_h is not None else base_s
-            if max_drop is not None and not (
-                    acc >= (1 - max_drop) * base_acc if higher else acc <= (1 + max_drop) * base_acc):
-                stopped = (f"round {len(trajectory) + 1} would take {metric_name} from {base_acc:.4f} "
-                           f"to {acc:.4f}, beyond the relative max_drop={max_drop}; it was undone")
-                break
+
+            def measured(k: int, removed: dict = removed, chosen: list = chosen
+                         ) -> tuple[dict, nn.Module, float, float | None]:
+                """`removed` plus the round's first `k` choices, its network and metric."""
+                t = {u: removed[u] + [r.channel for r in chosen[:k] if r.unit == u] for u in names}
+                m = _current_model(model, analysis, t, x)
+                return (t, m, *evaluate(m))
+
+            trial, after, acc_s, acc_h = measured(len(chosen))
+            if not within(acc_s, acc_h):
+                def over(acc_s: float, acc_h: float | None) -> str:
+                    acc = acc_h if acc_h is not None else acc_s
+                    return (f"{metric_name} from {base_acc:.4f} to {acc:.4f}, beyond the relative "
+                            f"max_drop={max_drop}")
+
+                if imp.rescore or len(chosen) == 1:
+                    stopped = (f"round {len(trajectory) + 1} would take {over(acc_s, acc_h)}; it "
+                               "was undone")
+                    break
+                # a ranking that is not re-scored removes its whole prefix in one round: keep the
+                # longest prefix within max_drop (bisection: the metric taken to fall as it grows)
+                lo, hi, best, worst = 0, len(chosen), None, (acc_s, acc_h)
+                while hi - lo > 1:
+                    mid = (lo + hi) // 2
+                    got = measured(mid)
+                    if within(*got[2:]):
+                        lo, best = mid, got
+                    else:
+                        hi, worst = mid, got[2:]
+                stopped = (f"removing the ranking's first {hi} channels would take "
+                           f"{over(*worst)}; round {len(trajectory) + 1} kept the first {lo}")
+                if best is None:
+                    break
+                chosen = chosen[:lo]
+                trial, after, acc_s, acc_h = best
             removed, current = trial, after
             cost = getattr(imp, "last_cost", None) if imp.rescore else None
             fl, _ = analysis.cost(removed)
@@ -412,6 +449,8 @@ def compress_global(
                     data={"flops": fl, "params": rnd.params, "accuracy": rnd.accuracy,
                           "removed": [asdict(r) for r in chosen], "seconds": rnd.seconds}))
             stop_point(cb, f"global round {rnd.round}")
+            if stopped:   # a ranking's prefix cut at max_drop
+                break
     finally:
         if reuse:
             imp.release_buffers()
