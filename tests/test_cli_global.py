@@ -91,6 +91,21 @@ def test_flops_target_run_writes_a_loadable_result_equal_to_the_library_call(
     assert run["state"] == "done" and run["settings"]["flops_target"] == 0.9
 
 
+def test_report_tabulates_a_whole_network_run(run_once, tmp_path, capsys):
+    out = run_once[0]
+    res = cp.GlobalCompressionResult.load(out)
+    capsys.readouterr()
+    assert cli.main(["report", str(out), "--out", str(tmp_path / "r"), "--progress", "none"]) == 0
+    md = (tmp_path / "r" / "report.md").read_text()
+    last = res.trajectory[-1]
+    assert "## Whole-network compression" in md
+    assert (f"| {out} | global car | {res.base_flops:,} | {res.flops:,} ({res.flops_ratio:.3f}) | "
+            f"{res.base_params:,} | {last.params:,} | {100 * res.base_score_accuracy:.2f} % | "
+            f"{100 * last.accuracy:.2f} % | - | 100 scoring | {res.stopped} |") in md
+    assert md in capsys.readouterr().out + "\n"
+    assert "<h2>Whole-network compression</h2>" in (tmp_path / "r" / "index.html").read_text()
+
+
 def test_a_stop_after_round_2_exits_75_and_the_rerun_resumes_to_the_identical_result(
         run_once, tmp_path, lenet_weights, mnist_npz, monkeypatch, capsys):
     """The flag a SIGTERM sets (`preempt.request_stop`), raised while round 2 is reported: the

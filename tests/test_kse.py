@@ -280,6 +280,13 @@ def test_cli_writes_result_and_summary(tmp_path, resnet20, capsys, monkeypatch):
     summary = (out / "summary.md").read_text()
     assert "layer3.2.conv2" in summary and f"{res.flops_reduction:.2f}x" in summary
     assert f"{res.flops_reduction:.2f}x fewer" in capsys.readouterr().out
+    # the report command tabulates it with the other whole-network runs
+    assert cli.main(["report", str(out), "--out", str(tmp_path / "r"), "--progress", "none"]) == 0
+    md = (tmp_path / "r" / "report.md").read_text()
+    assert (f"| {out} | KSE G=5 | {res.flops_before:,} | {res.flops_after:,} "
+            f"({res.flops_after / res.flops_before:.3f}) | {res.params_before:,} | "
+            f"{res.params_after:,} | {100 * res.holdout_accuracy_before:.2f} % | "
+            f"{100 * res.holdout_accuracy:.2f} % | - | 100 hold-out | - |") in md
 
 
 @pytest.mark.parametrize("extra, needle", [

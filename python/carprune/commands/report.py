@@ -26,8 +26,9 @@ POSITIONAL = "inputs"
 
 def options() -> list[Option]:
     return common.common_options() + [
-        Option("inputs", "paths", None, "output directories of score, compress or deep-compress "
-               "(e.g. one per array task)", required=True),
+        Option("inputs", "paths", None, "output directories of score, compress (one layer or "
+               "the whole network), kse-compress or deep-compress (e.g. one per array task)",
+               required=True),
         Option("title", "str", "carprune report", "report title"),
         *[Option(o.name, o.kind, o.default, o.help + " (with --data: an interpretation page "
                  "per layer)" if o.name == "model" else o.help, o.choices, False, o.metavar)

@@ -19,12 +19,20 @@ from ..io import read_json
 
 
 def read_output(d: Path) -> dict[str, Any]:
-    """One output directory (compress, score or deep-compress) as a row of key figures."""
+    """One output directory (compress of one layer or of the whole network, kse-compress, score
+    or deep-compress) as a row of key figures."""
     d = Path(d)
     if (d / "result.json").is_file():
+        from ..global_mode import GlobalCompressionResult
         from ..greedy import CompressionResult
+        from ..kse import KSEResult
 
-        r = CompressionResult.from_dict(read_json(d / "result.json", "compress result"), None)
+        fmt = read_json(d / "result.json", "result").get("format")
+        if fmt == GlobalCompressionResult.FORMAT:
+            return _network_row(d, GlobalCompressionResult.load(d))
+        if fmt == KSEResult.FORMAT:
+            return _network_row(d, KSEResult.load(d))
+        r = CompressionResult.load(d)
         first, last = r.trajectory[0], r.final_step
         cfg = r.config or {}
         hold = first.accuracy_on == "hold-out"
@@ -68,6 +76,44 @@ def read_output(d: Path) -> dict[str, Any]:
                             "failed run?)")
 
 
+def _network_row(d: Path, r: Any) -> dict[str, Any]:
+    """A whole-network run (`compress --layer all`, `kse-compress`) as a row."""
+    if hasattr(r, "trajectory"):    # GlobalCompressionResult
+        last = r.trajectory[-1] if r.trajectory else None
+        hold = r.base_holdout_accuracy is not None
+        before = r.base_holdout_accuracy if hold else r.base_score_accuracy
+        cfg = r.config or {}
+        return {"kind": "network", "dir": str(d), "method": f"global {r.criterion}",
+                "flops_before": r.base_flops, "flops_after": r.flops,
+                "params_before": r.base_params,
+                "params_after": last.params if last else r.base_params,
+                "accuracy_before": before, "accuracy_after": last.accuracy if last else before,
+                "finetuned_accuracy": None, "accuracy_on": "hold-out" if hold else "scoring",
+                "accuracy_images": cfg.get("eval_images" if hold else "score_images"),
+                "steps": len(r.trajectory),
+                "channels_removed": sum(len(v) for v in r.removed.values()),
+                "stopped": r.stopped}
+    return {"kind": "network", "dir": str(d), "method": f"KSE G={r.G}",
+            "flops_before": r.flops_before, "flops_after": r.flops_after,
+            "params_before": r.params_before, "params_after": r.params_after,
+            "accuracy_before": r.holdout_accuracy_before, "accuracy_after": r.holdout_accuracy,
+            "finetuned_accuracy": r.finetuned_holdout_accuracy, "accuracy_on": "hold-out",
+            "accuracy_images": (r.config or {}).get("eval_images"), "steps": len(r.layers),
+            "channels_removed": None, "stopped": ""}
+
+
+def _network_table(rows: Sequence[dict[str, Any]]) -> tuple[list[str], list[list[str]]]:
+    """The whole-network rows' table: header and cells (plain text)."""
+    head = ["directory", "method", "FLOPs before", "after", "params before", "after",
+            "accuracy before", "after", "fine-tuned", "accuracy on (images)", "stopped"]
+    cells = [[r["dir"], r["method"], f"{r['flops_before']:,}",
+              f"{r['flops_after']:,} ({r['flops_after'] / max(1, r['flops_before']):.3f})",
+              f"{r['params_before']:,}", f"{r['params_after']:,}", _pct(r["accuracy_before"]),
+              _pct(r["accuracy_after"]), _pct(r["finetuned_accuracy"]), _images(r),
+              r["stopped"] or "-"] for r in rows]
+    return head, cells
+
+
 def _pct(v: float | None) -> str:
     return "-" if v is None else f"{100 * v:.2f} %"
 
@@ -108,6 +154,13 @@ def markdown(title: str, rows: Sequence[dict[str, Any]]) -> str:
                          f"{_pct(r['base_accuracy'])} | {100 * r['max_car']:+.2f} pts | "
                          f"{100 * r['mean_car']:+.2f} pts | {r['zero_car_filters']} | "
                          f"{', '.join(map(str, r['least_important']))} |")
+        lines.append("")
+    net = [r for r in rows if r["kind"] == "network"]
+    if net:
+        head, cells = _network_table(net)
+        lines += ["## Whole-network compression", "", "| " + " | ".join(head) + " |",
+                  "|---|---|" + "---:|" * 8 + "---|"]
+        lines += ["| " + " | ".join(c) + " |" for c in cells]
         lines.append("")
     dc = [r for r in rows if r["kind"] == "deep-compress"]
     if dc:
@@ -188,6 +241,13 @@ def landing_page(title: str, rows: Sequence[dict[str, Any]]) -> str:
         parts += ["<h2>Layers</h2>", "<table><thead><tr>"
                   + "".join(f"<th>{h}</th>" for h in head) + "</tr></thead><tbody>"
                   + _layer_rows(layers) + "</tbody></table>"]
+    net = [r for r in rows if r["kind"] == "network"]
+    if net:
+        head, cells = _network_table(net)
+        parts += ["<h2>Whole-network compression</h2>", "<table><thead><tr>"
+                  + "".join(f"<th>{h}</th>" for h in head) + "</tr></thead><tbody>"
+                  + "".join("<tr>" + "".join(f"<td>{_esc(c)}</td>" for c in row) + "</tr>"
+                            for row in cells) + "</tbody></table>"]
     if dc:
         head = ["directory", "arch", "compressed layers", "dense bytes", ".cpz bytes", "ratio",
                 "accuracy before", "after", "warnings"]
