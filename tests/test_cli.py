@@ -376,13 +376,22 @@ def test_resume_refuses_a_checkpoint_of_other_weights(tmp_path, lenet, lenet_wei
     args = lambda w: ["compress", *lenet_args(w, mnist_npz, out, "--layer", "conv2", "--num-images",
                                               "100", "--keep", "49")]
     assert cli.main(args(lenet_weights)) == 0
+    record = (out / "run.json").read_bytes()
     other = {k: v + 0.01 for k, v in lenet.state_dict().items()}
     torch.save(other, tmp_path / "other.pt")
     capsys.readouterr()
-    # same greedy settings (the library's own checkpoint check passes), other weights file
+    # same greedy settings, other weights file: refused, naming what differs
     assert cli.main(args(tmp_path / "other.pt")) == 2
-    assert "belongs to a run with other model/data settings" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "belongs to a run with other model/data settings (weights: [" in err
+    # the outputs are still the complete run's, and run.json still says so
+    assert (out / "run.json").read_bytes() == record
     assert cli.main(args(lenet_weights)) == 0   # the original settings still resume
+    # a copy of the weights elsewhere, touched: the same file, so it resumes too
+    copy = tmp_path / "scratch" / "w.pt"
+    copy.parent.mkdir()
+    shutil.copyfile(lenet_weights, copy)
+    assert cli.main(args(copy)) == 0   # (other weights were refused above)
 
 
 def test_a_stop_request_exits_75_at_a_step_and_the_rerun_resumes(compressed, tmp_path, lenet_weights,
@@ -501,7 +510,9 @@ def test_an_out_that_cannot_be_created_is_a_usage_error(tmp_path, capsys):
     blocker.write_text("x")
     for out, needle in ((blocker, "exists and is not a directory"),
                         (blocker / "sub", "cannot create the output directory"),
-                        (Path("/proc/carprune-out"), "cannot create the output directory")):
+                        (Path("/proc/carprune-out"), "cannot create the output directory"),
+                        ("", "--out: out: expected a path, got ''"),   # not the current directory
+                        (" ", "--out: out: expected a path, got ' '")):
         code = cli.main(["score", "--model", "lenet5", "--data", str(MNIST), "--out", str(out),
                          "--layer", "conv1", "--progress", "none"])
         err = [line for line in capsys.readouterr().err.splitlines() if line.strip()]

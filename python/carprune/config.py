@@ -134,8 +134,8 @@ def _convert(opt: Option, value: Any, base: Path | None) -> Any:
             raise TypeError(f"expected a string, got {value!r}")
         return value
     if k == "path":
-        if not isinstance(value, (str, os.PathLike)):
-            raise TypeError(f"expected a path, got {value!r}")
+        if not isinstance(value, (str, os.PathLike)) or not os.fspath(value).strip():
+            raise TypeError(f"expected a path, got {value!r}")   # "" would mean the cwd
         return _resolve_path(os.fspath(value), base)
     if k == "model":
         if not isinstance(value, str):

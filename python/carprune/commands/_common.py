@@ -12,6 +12,7 @@ CommonSettings)``) to keep its fields in the order of its options.
 
 from __future__ import annotations
 
+import json
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass
@@ -24,7 +25,7 @@ from torch import nn
 from .. import __version__, distributed, preempt, specs
 from ..config import Option
 from ..data.arrays import ImageArrayDataset
-from ..io import update_directory, write_json
+from ..io import atomic_write, update_directory, write_json
 from ..logging_utils import MODES, log
 from ..threads import ThreadGovernor, is_auto
 
@@ -203,6 +204,14 @@ class Run:
         self.command, self.ctx = command, ctx
         self.out = Path(settings["out"]) if settings.get("out") else None
         self.t0 = time.time()
+        self._done: bytes | None = None   # the record of a complete earlier run in `out`
+        if self.out is not None and ctx.is_main:
+            try:
+                before = (self.out / "run.json").read_bytes()
+                if json.loads(before).get("state") == "done":
+                    self._done = before
+            except (OSError, ValueError, AttributeError):
+                pass
         self.doc: dict[str, Any] = {
             "format": "carprune.run", "command": command, "argv": list(argv),
             "carprune_version": __version__, "world_size": ctx.world_size,
@@ -216,6 +225,16 @@ class Run:
             write_json(self.out / "run.json", self.doc)
 
     def finish(self, state: str, code: int, message: str | None = None) -> None:
+        """The final record. A rerun refused as a usage error (exit 2: other settings, a bad
+        value) changed nothing in `out`, so a complete earlier run's record is put back: the
+        outputs there are still that run's."""
+        if state == "failed" and code == EXIT_USAGE and self._done is not None:
+            self.doc.update(state=state, exit_code=code, message=message)
+            if self.ctx.is_main:
+                atomic_write(self.out / "run.json", lambda f: f.write(self._done))
+                log.info("%s keeps the record of the complete earlier run (this one was refused)",
+                         self.out / "run.json")
+            return
         self.write(state=state, exit_code=code, message=message,
                    seconds=round(time.time() - self.t0, 3))
 
