@@ -186,6 +186,10 @@ def test_bad_input_errors(resnet20, cifar_test):
         cp.score_layer(resnet20, "layer3.2.conv1", (x[:, :1], y))
     with pytest.raises(ValueError, match="filters \\[64\\] are out of range"):
         cp.score_layer(resnet20, "layer3.2.conv1", data, filters=[64])
+    lenet = cp.models.lenet5()   # 32x32 images reach its linear layers, which expect 28x28 ones
+    with pytest.raises(ValueError, match=r"images of shape \(1, 32, 32\) do not fit the model "
+                                         r"after 'conv1' \(mat1 and mat2 shapes"):
+        cp.score_layer(lenet, "conv1", (x[:, :1], y))
     with pytest.raises(ValueError, match="memory size"):
         cp.score_layer(resnet20, "layer3.2.conv1", data, memory_budget="lots")
 

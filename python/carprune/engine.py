@@ -352,7 +352,11 @@ class LayerScorer:
             self.prefix_rows = _rows_for(rec.max_bytes, rec.total_bytes, self.budget // 4)
             inputs = self._tail_inputs(self._probe_chunk(live, torch.zeros(1)), 0, 1, None)
             trec = _SizeRecorder(self.split.tail)
-            logits = trec.run(*inputs)
+            try:
+                logits = trec.run(*inputs)
+            except RuntimeError as exc:   # e.g. a linear layer sized for other images
+                raise ValueError(f"images of shape {tuple(x.shape[1:])} do not fit the model "
+                                 f"after {self.layer!r} ({str(exc).splitlines()[0]})") from exc
         if not (isinstance(logits, torch.Tensor) and logits.dim() == 2):
             raise ValueError("the model must return logits [batch, classes], got "
                              f"{type(logits).__name__} {getattr(logits, 'shape', '')}")
