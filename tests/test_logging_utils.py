@@ -71,6 +71,22 @@ def test_log_mode_one_line_per_step_and_a_heartbeat_between(lines):
     assert got[-1] == "DEBUG compress conv2: kept 47 of 50 filters"
 
 
+def test_the_heartbeat_waits_for_a_quiet_interval_after_each_event(lines):
+    # events every 0.1 s for 0.7 s, interval 0.4 s: no "still running" line while they keep
+    # coming (a clock that ignored them would have written one); then a quiet second: lines
+    # 0.4 s apart
+    with RunCallbacks("log", interval=0.4) as cb:
+        events = list(_events(8))
+        cb.on_event(events[0])
+        for e in events[1:-1]:
+            time.sleep(0.1)
+            cb.on_event(e)
+        assert not [ln for ln in lines() if "still running" in ln]
+        time.sleep(1.0)
+    beats = [ln for ln in lines() if "still running" in ln]
+    assert 2 <= len(beats) <= 3, beats
+
+
 def test_bar_mode_draws_one_bar_and_closes_it(capsys, lines):
     with RunCallbacks("bar") as cb:
         for e in _events():

@@ -219,10 +219,21 @@ class RunCallbacks:
 
     # -- display -----------------------------------------------------------------------------------
     def _beat(self) -> None:
-        while not self._stop.wait(self.interval):
+        """A "still running" line once `interval` seconds pass without an event (or since the
+        last such line)."""
+        last = float("-inf")
+        while True:
+            with self._lock:
+                t = self._t
+            wait = max(t, last) + self.interval - time.monotonic()
+            if wait > 0:
+                if self._stop.wait(wait):
+                    return
+                continue
             with self._lock:
                 label, since = self._label, time.monotonic() - self._t
             log.info("%s: still running (%s elapsed)", label, format_seconds(since))
+            last = time.monotonic()
 
     def _end_heartbeat(self) -> None:
         self._stop.set()
