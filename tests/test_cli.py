@@ -519,6 +519,29 @@ def test_an_out_that_cannot_be_created_is_a_usage_error(tmp_path, capsys):
         assert code == cli.EXIT_USAGE and len(err) == 1 and needle in err[0], err
 
 
+def test_a_reader_that_closes_stdout_ends_the_command_quietly():
+    # `carprune inspect --json X | head`: no BrokenPipeError traceback
+    code = ("import sys\nfrom carprune import cli\n"
+            "def many(*args):\n    for _ in range(20000):\n        print('x' * 100)\n    return 0\n"
+            "cli.COMMANDS['layers'] = many\n"
+            "sys.exit(cli.main(['layers', '--model', 'lenet5']))\n")
+    p = subprocess.Popen([sys.executable, "-c", code], cwd=ROOT, stdout=subprocess.PIPE,
+                         stderr=subprocess.PIPE)
+    assert p.stdout.read(10) == b"x" * 10
+    p.stdout.close()
+    err = p.stderr.read().decode()
+    assert p.wait(timeout=60) == cli.EXIT_FAILED and err == "", err
+
+
+def test_phase_progress_says_where_an_unfinished_phase_stopped(caplog):
+    from carprune.logging_utils import PhaseProgress
+
+    with caplog.at_level("INFO", logger="carprune"), PhaseProgress("log", 0, "dc") as p:
+        p("retrain", 5, 5)
+        p("quantise", 51, 300)
+    assert "dc: retrain done: 5/5" in caplog.text and "dc: quantise stopped: 51/300" in caplog.text
+
+
 def test_a_failed_check_leaves_no_checkpoint_sidecar(tmp_path, lenet_weights, mnist_npz, capsys):
     out = tmp_path / "o"
     code = cli.main(["compress", *lenet_args(lenet_weights, mnist_npz, out, "--layer", "conv1",

@@ -187,6 +187,11 @@ def test_bad_flops_target_values_are_usage_errors_that_name_the_option(value, ne
     (["--flops-target", "0.5", "--criterion", "kse"], "whole-network compression takes one of car"),
     (["--flops-target", "0.5", "--per-round", "0"], "--per-round must be >= 1, got 0"),
     (["--max-drop", "-0.1"], "--max-drop is a relative accuracy drop in [0, 1), got -0.1"),
+    (["--flops-target", "0.5", "--eval-images", "100"], "--eval-images needs hold-out images"),
+    (["--flops-target", "0.5", "--seed=-1"], "--seed: seed: expected a number >= 0, got -1"),
+    (["--flops-target", "0.5", "--log-interval=-1"], "expected a number >= 0, got -1.0"),
+    (["--flops-target", "0.5", "--num-images", "0"], "--num-images: num_images: expected a "
+                                                     "number >= 1, got 0"),
 ])
 def test_other_whole_network_settings_errors(extra, needle, tmp_path, capsys):
     code = cli.main(["compress", "--model", "lenet5", "--data", "/nonexistent.npz", "--out",

@@ -186,6 +186,11 @@ def test_bad_input_errors(resnet20, cifar_test):
         cp.score_layer(resnet20, "layer3.2.conv1", (x[:, :1], y))
     with pytest.raises(ValueError, match="filters \\[64\\] are out of range"):
         cp.score_layer(resnet20, "layer3.2.conv1", data, filters=[64])
+    with pytest.raises(ValueError, match=r"filters \[3\] are listed more than once"):
+        cp.score_layer(resnet20, "layer3.2.conv1", data, filters=[3, 1, 3])
+    with pytest.raises(ValueError, match="the model has 10 outputs, so every prediction is in "
+                                         "the top 10"):
+        cp.score_layer(resnet20, "layer3.2.conv1", data, topk=10)
     lenet = cp.models.lenet5()   # 32x32 images reach its linear layers, which expect 28x28 ones
     with pytest.raises(ValueError, match=r"images of shape \(1, 32, 32\) do not fit the model "
                                          r"after 'conv1' \(mat1 and mat2 shapes"):

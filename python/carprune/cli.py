@@ -255,6 +255,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         if run is not None:
             run.finish("failed", EXIT_USAGE, str(exc))
         return EXIT_USAGE
+    except BrokenPipeError:   # stdout closed by its reader (`carprune inspect ... | head`)
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())   # (Python's own flush at exit would fail again)
+        if run is not None:
+            run.finish("failed", EXIT_FAILED, "standard output was closed")
+        return EXIT_FAILED
     except KeyboardInterrupt:
         print(f"carprune {cmd}: interrupted", file=sys.stderr, flush=True)
         if run is not None:

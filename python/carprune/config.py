@@ -53,7 +53,8 @@ class Option:
     the config file's directory), model (a model spec, whose ``file.py:fn`` part is a path),
     floats/ints/strs/paths (lists; on the command line comma-separated), spec (a number or a mapping
     of names to numbers, e.g. ``conv=0.6,linear=0.9``), iters (an int or a pair ``a,b``),
-    table (a TOML table; JSON on the command line).
+    table (a TOML table; JSON on the command line). `minimum`: the smallest value a number
+    (int, float, number) may take.
     """
 
     name: str
@@ -63,6 +64,7 @@ class Option:
     choices: tuple[Any, ...] | None = None
     required: bool = False
     metavar: str | None = None
+    minimum: float | None = None
 
     def __post_init__(self) -> None:
         if self.kind not in KINDS:
@@ -99,6 +101,9 @@ def convert(opt: Option, value: Any, where: str, base: Path | None = None) -> An
         out = _convert(opt, value, base)
     except (TypeError, ValueError) as exc:
         raise ConfigError(f"{what}: {exc}") from None
+    if (opt.minimum is not None and isinstance(out, (int, float)) and not isinstance(out, bool)
+            and not out >= opt.minimum):
+        raise ConfigError(f"{what}: expected a number >= {opt.minimum:g}, got {out!r}")
     if opt.choices is not None:
         bad = [v for v in (out if isinstance(out, list) else [out]) if v not in opt.choices]
         if bad:

@@ -361,6 +361,10 @@ class LayerScorer:
             raise ValueError("the model must return logits [batch, classes], got "
                              f"{type(logits).__name__} {getattr(logits, 'shape', '')}")
         self.num_outputs = int(logits.shape[1])
+        if self.metric.topk is not None and self.metric.topk >= self.num_outputs:
+            raise ValueError(f"metric {self.metric.name}: the model has {self.num_outputs} "
+                             f"outputs, so every prediction is in the top {self.metric.topk} "
+                             "and nothing could be measured; use a k below the number of classes")
         kind = check_screen(self._screen_kind, dtype=self.dtype, device=self.device,
                             topk=self.metric.topk, num_outputs=self.num_outputs)
         regression = y0.is_floating_point()
@@ -657,6 +661,9 @@ class LayerScorer:
         gone = sorted(set(out) & set(self.removed))
         if gone:
             raise ValueError(f"filters {gone} of {self.layer!r} are already removed")
+        twice = sorted({f for f in out if out.count(f) > 1})
+        if twice:
+            raise ValueError(f"filters {twice} are listed more than once")
         return out
 
     def score(self, filters: Sequence[int] | None = None) -> LayerScores:

@@ -332,7 +332,8 @@ class PhaseProgress:
             self._bar = None
         if self.mode == "log" and self._state is not None:
             phase, done, total, info = self._state
-            log.info("%s%s done: %d/%d in %s%s", self._prefix(), phase, done, total,
+            log.info("%s%s %s: %d/%d in %s%s", self._prefix(), phase,
+                     "done" if done >= total else "stopped", done, total,
                      format_seconds(now - self._tp), f" ({_fmt_info(info)})" if info else "")
         self._state = None
 

@@ -23,7 +23,7 @@ import torch
 from torch import nn
 
 from .. import __version__, distributed, preempt, specs
-from ..config import Option
+from ..config import ConfigError, Option
 from ..data.arrays import ImageArrayDataset
 from ..io import atomic_write, update_directory, write_json
 from ..logging_utils import MODES, log
@@ -53,17 +53,18 @@ def common_options(out_required: bool = True, out_default: str | None = None) ->
     return [
         Option("out", "path", out_default, "output directory (created)", required=out_required,
                metavar="DIR"),
-        Option("seed", "int", 0, "seed of the random image subsets and of training"),
+        Option("seed", "int", 0, "seed of the random image subsets and of training", minimum=0),
         Option("device", "str", "auto", "cpu, cuda, cuda:N or auto (this rank's GPU if any)"),
         Option("threads", "int_or_auto", "auto", "torch CPU threads: a number, or auto = the usable cores "
                "that are idle when the command starts (sampled for 0.25 s; on a shared node this "
                "keeps the run from waiting on cores other processes hold), re-checked at most "
-               "every 10 s during the run (compress: rounds and steps; score: between layers). "
+               "every 10 s during the run (compress: rounds and steps; score: between layers; "
+               "finetune: epochs; kse-compress: layers and epochs; deep-compress: steps). "
                "Under torchrun: 1 per rank unless set"),
         Option("progress", "str", "auto", "auto: bars on a terminal, log lines otherwise",
                choices=MODES),
-        Option("log_interval", "float", 60.0, "seconds between 'still running' log lines in log "
-               "mode (0: none)"),
+        Option("log_interval", "float", 60.0, "seconds without progress before a 'still "
+               "running' log line in log mode (0: none)", minimum=0),
         Option("log_level", "str", "info", "log level", choices=("debug", "info", "warning", "error")),
     ]
 
@@ -93,7 +94,8 @@ def data_options(required: bool = True, help_role: str = "images to score") -> l
         Option("classes", "strs", None, "class folder names in label order (default: sorted)"),
         Option("channels", "int", None, "convert images to 1 (grey) or 3 (RGB) channels",
                choices=(1, 3)),
-        Option("num_images", "int", None, "score on a seeded random subset of this many images"),
+        Option("num_images", "int", None, "use a seeded random subset of this many of these "
+               "images (default: all)", minimum=1),
     ]
 
 
@@ -102,7 +104,7 @@ EVAL_OPTS = [
            metavar="PATH"),
     Option("eval_split", "str", None, "split of the hold-out images; the same split as --data is "
            "divided into two disjoint halves"),
-    Option("eval_images", "int", None, "seeded random subset of the hold-out images"),
+    Option("eval_images", "int", None, "seeded random subset of the hold-out images", minimum=1),
 ]
 TRAIN_OPTS = [
     Option("train_data", "path", None, "training images for fine-tuning (default: --data, when "
@@ -168,6 +170,12 @@ class EvalSettings:
     eval_data: str | None
     eval_split: str | None
     eval_images: int | None
+
+    def __post_init__(self) -> None:   # (subclasses defining their own call it)
+        if self.eval_images is not None and self.eval_data is None and self.eval_split is None:
+            raise ConfigError("--eval-images needs hold-out images (--eval-data and/or "
+                              "--eval-split); without them the run measures on the scoring "
+                              "images")
 
 
 @dataclass(frozen=True, kw_only=True)

@@ -40,7 +40,8 @@ def options() -> list[Option]:
                "score/deepcompress/distributed/all: the benchmarks/ suites (source checkout)",
                choices=SUITES),
         *common.optional(common.MODEL_OPTS + common.data_options()),
-        Option("layer", "str", None, "conv layer for the quick benchmark"),
+        Option("layer", "str", None, "conv layer for the quick benchmark (needed, with --model "
+               "and --data, by --suite quick)"),
     ]
 
 

@@ -99,6 +99,7 @@ class Settings(common.ScoringSettings, common.TrainSettings, common.EvalSettings
     finetune_batch_size: int
 
     def __post_init__(self) -> None:
+        super().__post_init__()
         if self.is_global:
             self._check_global()
         else:

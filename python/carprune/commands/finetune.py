@@ -59,6 +59,7 @@ class Settings(common.EvalSettings, common.DataSettings, common.ModelSettings,
     weight_decay: float
 
     def __post_init__(self) -> None:
+        super().__post_init__()
         if not self.result and not self.layer:
             raise ConfigError("finetune needs --result DIR (a compress output) or --layer")
 

@@ -42,7 +42,7 @@ def options() -> list[Option]:
             Option("filters", "ints", None, "score only these filters (default: all)"),
             Option("removed", "ints", None, "filters to treat as already removed"),
             Option("topk", "int", 1, "a prediction counts as correct if the label is in the top k "
-                   "(when --metric is not given)"),
+                   "(when --metric is not given)", minimum=1),
             Option("screen", "str", None, "run the tails in bfloat16 and again in float32 where a "
                    "verdict is in doubt (faster on CPUs with AMX; a measured bound, not an exact "
                    "one: see carprune.screen)", choices=("bf16",)),
