@@ -202,8 +202,8 @@ def test_tensor_digest_sees_values_dtypes_shapes_and_names():
     a = cio.tensor_digest([("w", t)])
     assert a == cio.tensor_digest([("w", t.clone())]) and len(a) == 16
     assert a == cio.tensor_digest([("w", t.view(2, 3).t().contiguous().t().reshape(-1))])
-    for other in ([("w", torch.where(t == 5, torch.nextafter(t, t + 1), t))], [("w", t.double())], [("w", t.view(2, 3))],
-                  [("v", t)]):
+    one_ulp = torch.where(t == 5, torch.nextafter(t, t + 1), t)
+    for other in ([("w", one_ulp)], [("w", t.double())], [("w", t.view(2, 3))], [("v", t)]):
         assert cio.tensor_digest(other) != a
     assert cio.tensor_digest([("s", torch.tensor(1.5))]) != cio.tensor_digest([("s", torch.tensor(2.5))])
 

@@ -289,6 +289,18 @@ def test_cli_writes_result_and_summary(tmp_path, resnet20, capsys, monkeypatch):
             f"{100 * res.holdout_accuracy:.2f} % | - | 100 hold-out | - |") in md
 
 
+def test_cli_without_data_or_weights_says_what_is_missing(tmp_path, capsys):
+    code = cli.main(["kse-compress", "--model", "lenet5", "--out", str(tmp_path / "o"),
+                     "--progress", "log"])
+    err = capsys.readouterr().err
+    assert code == cli.EXIT_USAGE
+    assert "no --weights: lenet5 keeps its random initialisation (an untrained network)" in err
+    assert "an input of shape (3, 32, 32) does not fit the model" in err
+    assert "without --data, give the model's input as --input-shape C,H,W" in err
+    assert cli.main(["kse-compress", "--model", "lenet5", "--out", str(tmp_path / "o"),
+                     "--progress", "none", "--input-shape", "1,28,28"]) == 0
+
+
 @pytest.mark.parametrize("extra, needle", [
     (["--G", "1"], "G (the number of indicator levels) must be an integer >= 2, got 1"),
     (["--alpha=-1"], "alpha (the entropy weight) must be a finite number >= 0"),

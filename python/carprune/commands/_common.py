@@ -73,7 +73,8 @@ MODEL_OPTS = [
     Option("model", "model", None, "lenet5, resnet20/32/44/56/110, a torchvision model name, or "
            "package.module:function / file.py:function returning an nn.Module", required=True,
            metavar="SPEC"),
-    Option("weights", "path", None, "checkpoint (state dict) to load into the model", metavar="FILE"),
+    Option("weights", "path", None, "checkpoint (state dict) to load into the model (without "
+           "it a built-in model is untrained)", metavar="FILE"),
     Option("num_classes", "int", None, "number of classes, for models that take it"),
     Option("model_kwargs", "table", None, "keyword arguments of the model function (a TOML table; "
            "JSON on the command line)", metavar="JSON"),
@@ -248,10 +249,18 @@ class Run:
 
 
 # -- models, data, results -----------------------------------------------------------------------
-def load_model(m: ModelSettings, ctx: distributed.Context) -> nn.Module:
-    """The model of --model/--weights/--num-classes/--model-kwargs, on this rank's device."""
+def load_model(m: ModelSettings, ctx: distributed.Context, *, architecture: bool = False
+               ) -> nn.Module:
+    """The model of --model/--weights/--num-classes/--model-kwargs, on this rank's device. A
+    built-in or torchvision model without --weights is untrained: said in a warning (a
+    package.module:function may load its own weights), unless only its `architecture` is
+    needed (the weights come from a result, or none are used)."""
     model = specs.load_model(m.model, m.weights, num_classes=m.num_classes,
                              model_kwargs=m.model_kwargs)
+    if m.weights is None and not architecture and (
+            ":" not in m.model or m.model.startswith("torchvision:")):
+        log.warning("no --weights: %s keeps its random initialisation (an untrained network)",
+                    m.model)
     return model.to(ctx.device)
 
 

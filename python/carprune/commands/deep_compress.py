@@ -80,7 +80,7 @@ def run(settings: Mapping[str, Any], ctx: distributed.Context, run: common.Run, 
 
     s = settings_object(Settings, settings)
     out = Path(s.out)
-    model = common.load_model(s, ctx)
+    model = common.load_model(s, ctx, architecture=bool(s.result))
     if s.result:
         from ..greedy import CompressionResult
 

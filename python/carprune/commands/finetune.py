@@ -36,7 +36,8 @@ def options() -> list[Option]:
             Option("layer", "str", None, "the compressed layer (taken from --result when given)"),
             Option("iters", "int", 500, "iterations"),
             Option("batch_size", "int", 64, "batch size"),
-            Option("lr_layer", "float", 0.0, "learning rate of the compressed layer"),
+            Option("lr_layer", "float", 0.0, "learning rate of the compressed layer (default 0: "
+                   "its kept filters stay as CAR chose them)"),
             Option("lr_next", "float", 1e-3, "learning rate of the layers consuming it"),
             Option("lr_other", "float", 1e-4, "learning rate of all other layers"),
             Option("momentum", "float", 0.9, "SGD momentum"),
@@ -69,7 +70,7 @@ def run(settings: Mapping[str, Any], ctx: distributed.Context, run: common.Run, 
 
     s = settings_object(Settings, settings)
     out = Path(s.out)
-    arch = common.load_model(s, ctx)
+    arch = common.load_model(s, ctx, architecture=bool(s.result))
     result = None
     if s.result:
         from ..greedy import CompressionResult

@@ -86,6 +86,14 @@ def run(settings: Mapping[str, Any], ctx: distributed.Context, run: common.Run, 
         shape = tuple(evald.image_shape) if evald is not None else (3, 32, 32)
     if len(shape) != 3 or min(shape) < 1:
         raise ConfigError(f"--input-shape must be C,H,W (three positive sizes), got {shape}")
+    if s.input_shape is None and evald is None:   # the (3, 32, 32) default: say how to change it
+        from ..cost import count_cost
+
+        try:
+            count_cost(model, shape)
+        except ValueError as exc:
+            raise ConfigError(f"{exc}; without --data, give the model's input as --input-shape "
+                              "C,H,W") from None
     ft = None
     if train is not None:
         ft = FineTune(train_data=train, iters=s.finetune_iters,

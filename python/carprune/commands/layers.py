@@ -28,7 +28,7 @@ class Settings(common.ModelSettings):
 def run(settings: Mapping[str, Any], ctx: distributed.Context, run: common.Run | None,
         mode: str) -> int:
     s = settings_object(Settings, settings)
-    model = common.load_model(s, ctx)
+    model = common.load_model(s, ctx, architecture=True)
     mods = dict(model.named_modules())
     for name in graph.conv_layers(model):
         print(f"{name} {mods[name].out_channels}")
