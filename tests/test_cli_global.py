@@ -192,6 +192,8 @@ def test_bad_flops_target_values_are_usage_errors_that_name_the_option(value, ne
     (["--flops-target", "0.5", "--log-interval=-1"], "expected a number >= 0, got -1.0"),
     (["--flops-target", "0.5", "--num-images", "0"], "--num-images: num_images: expected a "
                                                      "number >= 1, got 0"),
+    (["--flops-target", "0.5", "--memory-budget", "2XB"], "--memory-budget: cannot read a "
+                                                          "memory size from '2XB'"),
 ])
 def test_other_whole_network_settings_errors(extra, needle, tmp_path, capsys):
     code = cli.main(["compress", "--model", "lenet5", "--data", "/nonexistent.npz", "--out",

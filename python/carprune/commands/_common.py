@@ -166,6 +166,14 @@ class DataSettings:
     num_images: int | None
 
 
+def _next_post_init(obj: Any, cls: type) -> None:
+    """The next settings mixin's check after `cls`'s in `obj`'s class order (the mixins'
+    `__post_init__` chain: each runs the next, and a command's own calls the first)."""
+    nxt = getattr(super(cls, obj), "__post_init__", None)
+    if nxt is not None:
+        nxt()
+
+
 @dataclass(frozen=True, kw_only=True)
 class EvalSettings:
     eval_data: str | None
@@ -173,6 +181,7 @@ class EvalSettings:
     eval_images: int | None
 
     def __post_init__(self) -> None:   # (subclasses defining their own call it)
+        _next_post_init(self, EvalSettings)
         if self.eval_images is not None and self.eval_data is None and self.eval_split is None:
             raise ConfigError("--eval-images needs hold-out images (--eval-data and/or "
                               "--eval-split); without them the run measures on the scoring "
@@ -190,6 +199,15 @@ class ScoringSettings:
     memory_budget: str | None
     dtype: str
     metric: str | None
+
+    def __post_init__(self) -> None:   # (before any output is read: a resumed run checks it too)
+        _next_post_init(self, ScoringSettings)
+        from ..engine import parse_bytes
+
+        try:
+            parse_bytes(self.memory_budget)
+        except ValueError as exc:
+            raise ConfigError(f"--memory-budget: {exc}") from None
 
     @property
     def torch_dtype(self) -> torch.dtype:
