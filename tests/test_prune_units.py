@@ -354,6 +354,40 @@ def test_shared_module_is_refused():
         surgery.prune_units(m, {"a": [1]}, analysis=a)
 
 
+class _Grouped(nn.Module):
+    """A ResNeXt-like block (a grouped conv between two plain ones) and a conv called twice:
+    layers that no unit changes, whose FLOPs still count."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem = nn.Conv2d(3, 16, 3, padding=1)
+        self.p = nn.Conv2d(16, 24, 3, padding=1)
+        self.q = nn.Conv2d(24, 16, 3, padding=1)
+        self.a = nn.Conv2d(16, 32, 1)
+        self.b = nn.Conv2d(32, 32, 3, padding=1, groups=8)
+        self.c = nn.Conv2d(32, 16, 1)
+        self.twice = nn.Conv2d(16, 16, 3, padding=1)
+        self.fc = nn.Linear(16, 10)
+
+    def forward(self, x):
+        x = F.relu(self.q(F.relu(self.p(F.relu(self.stem(x))))))
+        x = F.relu(x + self.c(F.relu(self.b(F.relu(self.a(x))))))
+        x = self.twice(F.relu(self.twice(x)))
+        return self.fc(torch.flatten(F.adaptive_avg_pool2d(x, 1), 1))
+
+
+def test_cost_counts_the_layers_no_unit_changes():
+    m = _Grouped().eval()
+    x = torch.zeros(1, 3, 16, 16)
+    a = units.prunable_units(m, x)
+    assert [u.name for u in a] == ["stem", "p"]
+    assert a.cost()[0] == count_cost(m, (3, 16, 16)).total_flops
+    removed = {"stem": [1], "p": [0, 5, 9]}
+    pruned = surgery.prune_units(m, removed, analysis=a)
+    assert a.cost(removed)[0] == count_cost(pruned, (3, 16, 16)).total_flops
+    assert a.cost(removed)[0] < a.cost()[0]
+
+
 # -- torchvision models --------------------------------------------------------------------------
 def torchvision_arch(name: str) -> nn.Module:
     """torchvision's `name` (seeded random init, 10 classes), float64. vgg11_bn's 25088 x 4096

@@ -188,6 +188,13 @@ class UnitAnalysis:
         self.input_shape = tuple(int(s) for s in x.shape[1:])
         self._strict = strict
         self._build()
+        # FLOPs of what no unit changes (grouped convs, modules called twice, leaves and modules
+        # without a channel rule that hold convs): a constant, so that `cost` is the whole
+        # network's, as count_cost measures it
+        from .cost import count_cost
+
+        self._fixed_flops = (count_cost(self.gm, self.input_shape).total_flops
+                             - self._cost_of({})[0])
 
     # -- channel propagation -----------------------------------------------------------------
     def _shape(self, node: fx.Node) -> tuple[int, ...] | None:
@@ -512,17 +519,19 @@ class UnitAnalysis:
         return flops, params
 
     def cost(self, removed: Mapping[str, Sequence[int] | int] | None = None) -> tuple[int, int]:
-        """(FLOPs, parameters) of conv, linear and per-channel layers per image with `removed`
-        ({unit name: channel indices, or a count}) taken out; FLOPs are multiply-accumulates
-        of conv and linear layers as `cost.count_cost` counts them. Parameters of other modules
-        (not touched by any unit) are not included: compare differences, or use
+        """(FLOPs, parameters) per image with `removed` ({unit name: channel indices, or a
+        count}) taken out. FLOPs: the whole network's multiply-accumulates of conv and linear
+        layers as `cost.count_cost` counts them (those of layers no unit changes, such as
+        grouped convs, are a constant part). Parameters: those of conv, linear and per-channel
+        layers that units touch; other modules' are not included: compare differences, or use
         `total_params(removed)`."""
         rem = {}
         for name, idx in (removed or {}).items():
             u = self.unit(name)
             k = idx if isinstance(idx, int) else len(set(int(i) for i in idx))
             rem[id(u)] = (u, k)
-        return self._cost_of(rem)
+        flops, params = self._cost_of(rem)
+        return flops + self._fixed_flops, params
 
     def total_params(self, removed: Mapping[str, Sequence[int] | int] | None = None) -> int:
         """Every parameter of the network (as `sum(p.numel())`) with `removed` taken out."""
