@@ -155,6 +155,18 @@ def test_max_drop_undoes_the_round_that_crosses_it(lenet, lenet_split):
     assert all(r.holdout_accuracy >= base for r in res.trajectory)
 
 
+@pytest.mark.parametrize("criterion", ["random", "l1", "car"])
+def test_the_same_call_after_a_finished_run_returns_its_result(lenet, lenet_split, tmp_path,
+                                                               criterion):
+    score, hold = lenet_split
+    kw = dict(eval_data=hold, max_drop=0.02, criterion=criterion, score_images=100,
+              checkpoint=tmp_path / "ck.json")
+    first = compress_global(lenet, "all", score, **kw)
+    again = compress_global(lenet, "all", score, **kw)
+    assert first.stopped and again.stopped == first.stopped
+    assert again.removed == first.removed and again.trajectory == first.trajectory
+
+
 def test_max_drop_keeps_the_longest_prefix_of_a_ranking_that_is_not_rescored(lenet, lenet_split):
     # such a ranking removes its whole order in one round: max_drop must cut that order, not
     # undo it (it removed nothing before)

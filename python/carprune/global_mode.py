@@ -293,6 +293,7 @@ def compress_global(
     base_params = analysis.total_params()
     removed: dict[str, list[int]] = {u: [] for u in names}
     trajectory: list[GlobalRound] = []
+    finished = ""
     ckpt = Path(checkpoint) if checkpoint is not None else None
     if ckpt is not None and same_run(ckpt, fp, "checkpoint", strict=True) is not None:
         if not same_run(ckpt, fp, "checkpoint", strict=True):
@@ -306,6 +307,7 @@ def compress_global(
         for r in trajectory:
             for c in r.removed:
                 removed[c.unit].append(c.channel)
+        finished = state.get("stopped", "")   # the run had ended: the same result again
 
     def evaluate(m: nn.Module) -> tuple[float, float | None]:
         # the metric's mean as the engine counts it (`evaluate.metric_value`)
@@ -327,12 +329,12 @@ def compress_global(
 
     target = None if flops_target is None else flops_target * base_flops
     cb = callbacks
-    stopped = ""
+    stopped = finished
     static: dict[str, torch.Tensor] | None = None   # criteria that never change: scored once
     current: nn.Module | None = None                # the pruned network for `removed`
     reuse = isinstance(imp, CAR)   # its search keeps the last round's large tensors
     try:
-        while True:
+        while not finished:
             flops = analysis.cost(removed)[0]
             if target is not None and flops <= target:
                 stopped = f"FLOPs {flops:,} reached the target {target:,.0f}"
@@ -454,6 +456,9 @@ def compress_global(
     finally:
         if reuse:
             imp.release_buffers()
+    if ckpt is not None and not finished:   # the end, and why: a rerun returns this result
+        write_json(ckpt, {"fingerprint": fp, "config": config, "stopped": stopped,
+                          "trajectory": [asdict(r) for r in trajectory]})
     final = current if current is not None else _current_model(model, analysis, removed, x)
     return GlobalCompressionResult(
         units=names, criterion=imp.name, flops_target=flops_target, max_drop=max_drop,
