@@ -329,6 +329,35 @@ def test_module_that_cannot_be_narrowed_is_refused():
         surgery.prune_units(m, {"conv": [1]}, analysis=a)
 
 
+class _FrozenBN(nn.Module):
+    """A BatchNorm whose statistics and affine terms are buffers (as detection code freezes it)."""
+
+    def __init__(self, n: int) -> None:
+        super().__init__()
+        g = torch.Generator().manual_seed(n)
+        for k in ("weight", "bias", "running_mean"):
+            self.register_buffer(k, torch.randn(n, generator=g, dtype=torch.float64))
+        self.register_buffer("running_var", torch.rand(n, generator=g, dtype=torch.float64) + 0.5)
+
+    def forward(self, x):
+        scale = self.weight * (self.running_var + 1e-5).rsqrt()
+        shift = self.bias - self.running_mean * scale
+        return x * scale[:, None, None] + shift[:, None, None]
+
+
+def test_a_custom_batchnorm_with_buffers_is_narrowed_as_one():
+    opsem.register_channelwise(_FrozenBN, keeps_zero=False, params="bn")
+    m = nn.Sequential(nn.Conv2d(3, 6, 3), _FrozenBN(6), nn.ReLU(), nn.Conv2d(6, 4, 3),
+                      nn.Flatten(), nn.Linear(4 * 4 * 4, 3)).double().eval()
+    x = torch.randn(2, 3, 8, 8, dtype=torch.float64)
+    a = units.prunable_units(m, x)
+    removed = {a.units[0].name: [1, 4]}
+    pruned = surgery.prune_units(m, removed, analysis=a)
+    assert pruned[1].weight.shape == (4,)
+    torch.testing.assert_close(pruned(x), units.masked_forward(a, x, removed), rtol=0, atol=1e-12)
+    assert a.total_params(removed) == sum(p.numel() for p in pruned.parameters())
+
+
 class _SharedShortcut(nn.Module):
     """One (parameter-free) padding shortcut module called on two different tensors."""
 

@@ -295,10 +295,13 @@ class UnitAnalysis:
                             kind = "depthwise" if r.params == "depthwise" else r.params
                             rows = math.prod(shape_out[2:]) if shape_out else 1
                             ksz = math.prod(m.kernel_size) if r.params == "depthwise" else 1
+                            # "bn": a weight and a bias per channel when they are parameters
+                            # (a frozen BatchNorm may hold them as buffers)
                             costs[name] = _ModuleCost(
                                 kind, rows, ksz, len(ids_in), len(ids_in),
-                                bool(getattr(m, "bias", None) is not None
-                                     if kind != "bn" else m.affine), calls[name])
+                                bool(getattr(m, "bias", None) is not None if kind != "bn" else
+                                     isinstance(getattr(m, "weight", None), nn.Parameter)),
+                                calls[name])
                     block[n] = blk
                 elif src is not None and opsem.is_flatten(gm, n, src):
                     shp = self._shape(src)
