@@ -8,6 +8,7 @@ import copy
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 import carprune as cp
 from carprune import callbacks, importance
@@ -220,6 +221,59 @@ def test_bad_arguments_are_named(lenet, lenet_split):
         compress_global(lenet, ["fc2"], score, flops_target=0.9)
     with pytest.raises(ValueError, match="unknown criterion 'l3'"):
         compress_global(lenet, "all", score, flops_target=0.9, criterion="l3")
+    for kw, needle in ((dict(flops_target="0.5"), "flops_target must be a number or None, got '0.5'"),
+                       (dict(per_round=1.5), "per_round must be an integer or None, got 1.5"),
+                       (dict(min_channels=2.5), "min_channels must be an integer, got 2.5"),
+                       (dict(cost_aware="no"), "cost_aware must be True or False, got 'no'"),
+                       (dict(seed="x"), "seed must be an integer, got 'x'")):
+        with pytest.raises(TypeError, match=needle):
+            compress_global(lenet, "all", score, **{"flops_target": 0.9, **kw})
+    with pytest.raises(ValueError, match="eval_images must be >= 1 .*got 0"):
+        compress_global(lenet, "all", score, flops_target=0.9, eval_images=0)
+
+
+def test_ordinary_ops_and_declared_ops_have_channel_rules(lenet_split):
+    # division by a number, a spatial mean as pooling, squeeze, relu_, a registered Python
+    # function and a registered leaf: units are found, pruning equals masking, FLOPs fall
+    def hswish_like(x):
+        return x * F.relu6(x + 3) / 6
+
+    class Opaque(torch.nn.Module):   # a leaf that mixes channels: declared, so no error
+        def __init__(self):
+            super().__init__()
+            self.mix = torch.nn.Conv2d(8, 8, 1)
+
+        def forward(self, x):
+            return self.mix(x)
+
+    class Net(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a = torch.nn.Conv2d(1, 6, 3)
+            self.b = torch.nn.Conv2d(6, 8, 3)
+            self.leaf = Opaque()
+            self.c = torch.nn.Conv2d(8, 12, 3)
+            self.fc = torch.nn.Linear(12, 10)
+
+        def forward(self, x):
+            x = torch.relu_(self.a(x / 255))
+            x = self.leaf(hswish_like((self.b(x) + 1.0) / 2))
+            x = self.c(x).relu_()
+            return self.fc(x.mean((2, 3), keepdim=True).squeeze(-1).squeeze(2))
+
+    cp.register_channelwise(hswish_like, keeps_zero=True)
+    cp.register_leaf(Opaque)
+    m = Net().double().eval()
+    score, _ = lenet_split
+    x = score.batch(slice(0, 4))[0].double()
+    an = prunable_units(m, x)
+    assert [u.name for u in an] == ["a", "c"]     # b's channels go into the leaf
+    assert "a leaf that mixes channels" in dict(an.skipped)["b"]
+    removed = {"a": [1], "c": [2, 7]}
+    pruned = cp.prune_units(m, removed, analysis=an)
+    torch.testing.assert_close(pruned(x), cp.units.masked_forward(an, x, removed), rtol=0,
+                               atol=1e-10)
+    assert cp.count_cost(pruned, (1, 28, 28)).total_flops == an.cost(removed)[0] < an.cost()[0]
 
 
 def test_compress_layers_runs_in_sequence(lenet, lenet_split):

@@ -117,7 +117,8 @@ def test_analysis_of_checks_the_layer(resnet20):
         graph.analysis_of(a, "conv1")
     with pytest.raises(ValueError, match="example_input must be a batch"):
         graph.analyze(resnet20, "conv1", torch.zeros(32))
-    with pytest.raises(ValueError, match="does not fit"):
+    with pytest.raises(ValueError, match=r"an input of shape \(1, 32, 32\) does not fit "
+                                         r"ResNetCifar \(RuntimeError: Given groups=1, weight "):
         graph.analyze(resnet20, "conv1", torch.zeros(1, 1, 32, 32))
 
 

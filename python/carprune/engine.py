@@ -358,13 +358,11 @@ class LayerScorer:
                 raise ValueError(f"images of shape {tuple(x.shape[1:])} do not fit the model "
                                  f"after {self.layer!r} ({str(exc).splitlines()[0]})") from exc
         if not (isinstance(logits, torch.Tensor) and logits.dim() == 2):
-            raise ValueError("the model must return logits [batch, classes], got "
-                             f"{type(logits).__name__} {getattr(logits, 'shape', '')}")
+            got = (f"a tensor of shape {tuple(logits.shape)}" if isinstance(logits, torch.Tensor)
+                   else f"a {type(logits).__name__}")
+            raise ValueError(f"the model must return logits [batch, classes], got {got} (wrap "
+                             "a model with several outputs in a module that returns one)")
         self.num_outputs = int(logits.shape[1])
-        if self.metric.topk is not None and self.metric.topk >= self.num_outputs:
-            raise ValueError(f"metric {self.metric.name}: the model has {self.num_outputs} "
-                             f"outputs, so every prediction is in the top {self.metric.topk} "
-                             "and nothing could be measured; use a k below the number of classes")
         kind = check_screen(self._screen_kind, dtype=self.dtype, device=self.device,
                             topk=self.metric.topk, num_outputs=self.num_outputs)
         regression = y0.is_floating_point()
@@ -372,6 +370,10 @@ class LayerScorer:
         names = [] if regression else class_names(self.data, self.num_outputs, self._classes)
         self.bound = metrics.bind(self.metric, targets, self.num_outputs, names,
                                   num_images=len(self.indices), bins=self._bins)
+        if self.metric.topk is not None and self.metric.topk >= self.num_outputs:
+            raise ValueError(f"metric {self.metric.name}: the model has {self.num_outputs} "
+                             f"outputs, so every prediction is in the top {self.metric.topk} "
+                             "and nothing could be measured; use a k below the number of classes")
         self.num_classes = self.bound.grouping.size    # groups: classes or target bins
         self.classes = list(self.bound.grouping.names)
         if self.head is not None and self.head.residual is not None:

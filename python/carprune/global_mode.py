@@ -31,6 +31,7 @@ when they ask, right after a checkpoint.
 
 from __future__ import annotations
 
+import numbers
 import os
 import time
 from collections.abc import Sequence
@@ -206,6 +207,19 @@ def rank_key(val: float, saved: int, cost_aware: bool) -> tuple:
     return (val * saved, -saved)
 
 
+def _check_types(**values: tuple[Any, type, bool]) -> None:
+    """Each keyword's (value, type, None allowed): a bool where a number is wanted, or a
+    number where a bool is, is refused too."""
+    for name, (v, kind, optional) in values.items():
+        if v is None and optional:
+            continue
+        ok = isinstance(v, bool) if kind is bool else (not isinstance(v, bool) and isinstance(
+            v, numbers.Integral if kind is int else numbers.Real))
+        if not ok:
+            want = {bool: "True or False", int: "an integer", float: "a number"}[kind]
+            raise TypeError(f"{name} must be {want}{' or None' if optional else ''}, got {v!r}")
+
+
 def compress_global(
     model: nn.Module,
     layers: str | Sequence[str],
@@ -229,6 +243,7 @@ def compress_global(
     bins: int | Sequence[float] | None = None,
     screen: str | None = None,
     callbacks: Callbacks | None = None,
+    strict: bool = True,
 ) -> GlobalCompressionResult:
     """Remove unit channels across the network until its FLOPs are at most `flops_target` x
     the original (and/or until the next round would drop the metric by more than the relative
@@ -252,7 +267,17 @@ def compress_global(
     False scores every channel on every image. `screen='bf16'` (criterion 'car' only): CAR's
     tails run in bfloat16 and again in float32 where a verdict is in doubt (`carprune.screen`:
     faster on CPUs with AMX; a measured bound, not an exact one, so off by default).
+    `strict=False`: ops without a channel rule leave the channels they read or write out of
+    the units instead of raising `units.UnitError` (as `prunable_units`).
     """
+    _check_types(flops_target=(flops_target, float, True), max_drop=(max_drop, float, True),
+                 score_images=(score_images, int, True), eval_images=(eval_images, int, True),
+                 per_round=(per_round, int, True), min_channels=(min_channels, int, False),
+                 seed=(seed, int, False), cost_aware=(cost_aware, bool, False),
+                 search=(search, bool, False), strict=(strict, bool, False))
+    for name, n in (("score_images", score_images), ("eval_images", eval_images)):
+        if n is not None and n < 1:
+            raise ValueError(f"{name} must be >= 1 (or None: every image), got {n}")
     if flops_target is None and max_drop is None:
         raise ValueError("compress_global needs flops_target (a fraction of the FLOPs in (0, 1)) "
                          "or max_drop (the largest relative drop of the metric), or both")
@@ -269,7 +294,7 @@ def compress_global(
     if example_input is None:
         example_input, _ = load_batch(score_data, [0])
     x = example_input[:1]
-    analysis = prunable_units(model, x)
+    analysis = prunable_units(model, x, strict=strict)
     names = _resolve_units(analysis, layers)
     if screen is not None and criterion != "car":
         raise ValueError(f"screen={screen!r} screens CAR's scoring; criterion is {criterion!r} "
@@ -342,7 +367,7 @@ def compress_global(
             t0 = time.perf_counter()
             if current is None:       # the network as the last accepted round left it
                 current = _current_model(model, analysis, removed, x)
-            cur_an = prunable_units(current, x)
+            cur_an = prunable_units(current, x, strict=strict)
             alive = {u: [c for c in range(analysis.unit(u).num_channels) if c not in set(removed[u])]
                      for u in names}
             cand_units = [u for u in names if len(alive[u]) > min_channels]

@@ -34,7 +34,9 @@ image) and a tail (run once per ablation), with every tensor that is live across
 
 from __future__ import annotations
 
+import contextlib
 import copy
+import io
 import math
 import operator
 from dataclasses import dataclass, field
@@ -67,6 +69,19 @@ class _Tracer(fx.Tracer):
         return opsem.is_leaf(m) or super().is_leaf_module(m, module_qualified_name)
 
 
+def propagate_shapes(gm: fx.GraphModule, x: torch.Tensor, what: str) -> None:
+    """torch.fx ShapeProp of `gm` on `x` (tensor shapes recorded on the nodes). An input that
+    does not fit raises ValueError naming its shape, `what` (the model) and the error's own
+    cause, not ShapeProp's dump of the node (whose traceback is not printed)."""
+    try:
+        with torch.no_grad(), contextlib.redirect_stderr(io.StringIO()):
+            ShapeProp(gm).propagate(x)
+    except Exception as exc:
+        cause = exc.__cause__ if exc.__cause__ is not None else exc
+        raise ValueError(f"an input of shape {tuple(x.shape[1:])} does not fit {what} "
+                         f"({type(cause).__name__}: {str(cause).splitlines()[0]})") from exc
+
+
 def trace(model: nn.Module) -> fx.GraphModule:
     """A traced copy of `model` in eval mode, with in-place operations made out-of-place (the
     tail runs many times on cached tensors, which an in-place op would corrupt)."""
@@ -75,7 +90,7 @@ def trace(model: nn.Module) -> fx.GraphModule:
         if hasattr(m, "inplace") and isinstance(m.inplace, bool):
             m.inplace = False
     try:
-        tracer = _Tracer()
+        tracer = _Tracer(autowrap_functions=opsem.wrapped_functions())
         g = tracer.trace(model)
         gm = fx.GraphModule(tracer.root, g, type(model).__name__)
     except Exception as exc:
@@ -674,12 +689,7 @@ def analyze(model: nn.Module, layer: str, example_input: torch.Tensor | None = N
         x = example_input[:1].to(ref.device if ref is not None else "cpu",
                                  ref.dtype if ref is not None and ref.is_floating_point()
                                  else torch.float32)
-        try:
-            with torch.no_grad():
-                ShapeProp(gm).propagate(x)
-        except Exception as exc:
-            raise ValueError(f"an input of shape {tuple(x.shape[1:])} does not fit "
-                             f"{type(model).__name__} ({str(exc).splitlines()[0]})") from exc
+        propagate_shapes(gm, x, type(model).__name__)
         input_shape = tuple(int(s) for s in x.shape[1:])
     cut = find_cut(gm, layer)
     consumers = _classify(gm, cut)

@@ -30,6 +30,7 @@ Facts each rule records:
 
 from __future__ import annotations
 
+import inspect
 import operator
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -72,6 +73,7 @@ _FUNCTION_NAME_RULES: dict[str, OpRule] = {
     "torchvision.ops.stochastic_depth.stochastic_depth": OpRule(keeps_zero=True),
 }
 _LEAVES: set[type] = set()
+_TRACED_AS_CALLS: list[Callable] = []   # registered Python functions (`wrapped_functions`)
 _CHANNEL_MAPS: dict[type, ChannelMap] = {}
 
 
@@ -103,8 +105,9 @@ def _install_defaults() -> None:
     _MODULE_RULES[nn.PReLU] = _prelu_rule
     for t in (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d):
         _MODULE_RULES[t] = _bn_rule
-    for f in (F.relu, torch.relu):
+    for f in (F.relu, torch.relu, torch.relu_):
         _FUNCTION_RULES[f] = OpRule(keeps_zero=True, relu=True)
+
     for f in (F.relu6, F.leaky_relu, F.elu, F.selu, F.celu, F.gelu, F.silu, F.mish, F.hardswish,
               F.hardtanh, torch.tanh, F.tanh, F.max_pool1d, F.max_pool2d, F.avg_pool1d,
               F.avg_pool2d, F.adaptive_avg_pool1d, F.adaptive_avg_pool2d, F.adaptive_max_pool1d,
@@ -113,6 +116,7 @@ def _install_defaults() -> None:
     for f in (torch.sigmoid, F.sigmoid, F.hardsigmoid, F.softplus):
         _FUNCTION_RULES[f] = _NONZERO
     _METHOD_RULES["relu"] = OpRule(keeps_zero=True, relu=True)
+    _METHOD_RULES["relu_"] = OpRule(keeps_zero=True, relu=True)
     for name in ("tanh", "contiguous", "clone", "detach", "float", "to"):
         _METHOD_RULES[name] = _ZERO
     _METHOD_RULES["sigmoid"] = _NONZERO
@@ -148,6 +152,8 @@ def register_channelwise(target: type[nn.Module] | Callable | str, *, keeps_zero
         _LEAVES.add(target)
     elif callable(target):
         _FUNCTION_RULES[target] = rule
+        if inspect.isfunction(target):   # a Python function: traced as one call, not entered
+            _TRACED_AS_CALLS.append(target)
     else:
         raise TypeError(f"target must be an nn.Module subclass, a function or a method name, got "
                         f"{target!r}")
@@ -179,6 +185,12 @@ def _lookup_module(m: nn.Module) -> OpRule | None:
             r = _MODULE_RULES[t]
             return r(m) if callable(r) and not isinstance(r, OpRule) else r
     return None
+
+
+def wrapped_functions() -> tuple[Callable, ...]:
+    """The Python functions registered channel-wise: torch.fx keeps each a single call (its
+    `autowrap_functions`) instead of tracing into its body, so the rule applies."""
+    return tuple(dict.fromkeys(_TRACED_AS_CALLS))
 
 
 def is_leaf(m: nn.Module) -> bool:
@@ -214,6 +226,10 @@ def rule(gm: fx.GraphModule, node: fx.Node) -> OpRule | None:
     if node.op == "call_function":
         if node.target is operator.getitem and _is_spatial_slice(node):
             return _ZERO
+        if node.target in _SPATIAL_FUNCTIONS and _spatial_dims_only(node):
+            return _ZERO
+        if node.target in _DIVISIONS and _by_a_number(node):
+            return _ZERO
         try:
             r = _FUNCTION_RULES.get(node.target)
         except TypeError:  # unhashable target
@@ -225,8 +241,45 @@ def rule(gm: fx.GraphModule, node: fx.Node) -> OpRule | None:
     if node.op == "call_method":
         if node.target == "__getitem__" and _is_spatial_slice(node):
             return _ZERO
+        if node.target in _SPATIAL_METHODS and _spatial_dims_only(node):
+            return _ZERO
+        if node.target in ("div", "true_divide") and _by_a_number(node):
+            return _ZERO
         return _METHOD_RULES.get(node.target)
     return None
+
+
+# reductions and squeezes that are channel-wise when their dims leave batch and channels whole:
+# x.mean((2, 3)) as global average pooling, x.squeeze(-1) after it (all keep zero)
+_SPATIAL_FUNCTIONS = {torch.mean, torch.sum, torch.amax, torch.squeeze}
+_SPATIAL_METHODS = {"mean", "sum", "amax", "squeeze"}
+
+
+# x / 255, (a + b) / 2: division by a number keeps channels apart and zeros zero (a tensor
+# divisor, even a per-channel constant, is not admitted: surgery would not narrow it)
+_DIVISIONS = {operator.truediv, torch.div, torch.true_divide}
+
+
+def _by_a_number(node: fx.Node) -> bool:
+    return (len(node.args) == 2 and isinstance(node.args[1], (int, float))
+            and not isinstance(node.args[1], bool) and node.args[1] != 0
+            and node.kwargs.get("rounding_mode") is None)
+
+
+def _spatial_dims_only(node: fx.Node) -> bool:
+    """The op's `dim` names only dims 2 and above of its input (negative dims counted from its
+    rank, read from the traced shapes); False when no dim is given (all dims, or for squeeze
+    every size-1 dim, which may include the batch) or the input's rank is unknown."""
+    dim = node.kwargs.get("dim", node.args[1] if len(node.args) > 1 else None)
+    src = node.args[0] if node.args else None
+    tm = src.meta.get("tensor_meta") if isinstance(src, fx.Node) else None
+    if dim is None or tm is None or not hasattr(tm, "shape"):
+        return False
+    rank = len(tm.shape)
+    dims = dim if isinstance(dim, (tuple, list)) else (dim,)
+    if not dims or not all(isinstance(d, int) and -rank <= d < rank for d in dims):
+        return False
+    return all(d % rank >= 2 for d in dims)
 
 
 def _is_spatial_slice(node: fx.Node) -> bool:

@@ -36,7 +36,6 @@ from dataclasses import dataclass, field
 
 import torch
 from torch import fx, nn
-from torch.fx.passes.shape_prop import ShapeProp
 
 from . import graph, opsem
 
@@ -179,12 +178,7 @@ class UnitAnalysis:
                              else torch.float32)
         if x.dim() < 2:
             raise ValueError(f"example_input must be a batch [N, C, ...], got shape {tuple(x.shape)}")
-        try:
-            with torch.no_grad():
-                ShapeProp(self.gm).propagate(x[:1])
-        except Exception as exc:
-            raise ValueError(f"an input of shape {tuple(x.shape[1:])} does not fit "
-                             f"{type(model).__name__} ({str(exc).splitlines()[0]})") from exc
+        graph.propagate_shapes(self.gm, x[:1], type(model).__name__)
         self.input_shape = tuple(int(s) for s in x.shape[1:])
         self._strict = strict
         self._build()
@@ -311,10 +305,15 @@ class UnitAnalysis:
                     why = f"grouped conv {name} (groups={m.groups})"
                     spoil(n, f"read by {why}")
                     out = fresh(n, f"written by {why}")
+                elif opsem.is_leaf(m):   # declared opaque (register_leaf): known, not unknown
+                    why = f"{type(m).__name__} module {name}, a leaf that mixes channels"
+                    spoil(n, f"read by {why}")
+                    out = fresh(n, f"written by {why}")
                 else:
                     why = (f"{type(m).__name__} module {name}, which has no channel rule "
                            "(declare it with carprune.register_channelwise or "
-                           "register_channel_map if it keeps channels apart)")
+                           "register_channel_map if it keeps channels apart, or register_leaf "
+                           "if it mixes them)")
                     spoil(n, f"read by {why}", is_unknown=True)
                     out = fresh(n, f"written by {why}")
             else:  # call_function / call_method

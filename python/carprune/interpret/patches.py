@@ -22,7 +22,7 @@ from ..callbacks import progress_callbacks
 from ..data.batches import DataLike, load_batch, num_items, pick_indices
 from ..engine import parse_bytes
 from ..evaluate import batch_rows, bytes_per_image
-from .receptive import ReceptiveField, propagate_shapes, receptive_field_of
+from .receptive import ReceptiveField, receptive_field_of
 
 Activation = Literal["conv", "bn"]
 
@@ -147,7 +147,7 @@ def search_patches(
         raise TypeError(f"images must be floating point tensors, got {x0.dtype}")
     x0 = x0.to(dev, torch.float32)
     try:
-        propagate_shapes(sub, x0)
+        graph.propagate_shapes(sub, x0, "the model")
     except RuntimeError as exc:
         raise ValueError(f"images of shape {tuple(x0.shape[1:])} do not fit the model "
                          f"({str(exc).splitlines()[0]})") from exc

@@ -18,7 +18,6 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 from torch import fx, nn
-from torch.fx.passes.shape_prop import ShapeProp
 
 from .. import graph, opsem
 
@@ -252,8 +251,9 @@ def _leaf_geometry(m: nn.Module, g: Geometry, node: fx.Node, src: fx.Node) -> Ge
         tracer = fx.Tracer()
         sub = fx.GraphModule(m, tracer.trace(m))
         ref = next(iter(m.parameters()), None)
-        propagate_shapes(sub, torch.zeros(tuple(meta.shape), dtype=meta.dtype,
-                                          device=ref.device if ref is not None else "cpu"))
+        graph.propagate_shapes(sub, torch.zeros(tuple(meta.shape), dtype=meta.dtype,
+                                                device=ref.device if ref is not None else "cpu"),
+                               type(m).__name__)
     except Exception as exc:
         raise ValueError(f"cannot follow the receptive field through {node.format_node()}: "
                          f"its forward() cannot be traced ({type(exc).__name__})") from exc
@@ -269,14 +269,8 @@ def _leaf_geometry(m: nn.Module, g: Geometry, node: fx.Node, src: fx.Node) -> Ge
     return None
 
 
-def propagate_shapes(gm: fx.GraphModule, example: torch.Tensor) -> None:
-    """Annotate every node of `gm` with its tensor shape for one example batch."""
-    with torch.no_grad():
-        ShapeProp(gm).propagate(example)
-
-
 def receptive_field_of(gm: fx.GraphModule, node: fx.Node) -> ReceptiveField:
-    """Geometry of `node`'s output in a shape-annotated graph (see `propagate_shapes`)."""
+    """Geometry of `node`'s output in a shape-annotated graph (see `graph.propagate_shapes`)."""
     need = graph.reachable(node, downstream=False) | {node}
     geo: dict[fx.Node, Geometry | None] = {}
     for n in gm.graph.nodes:
@@ -301,7 +295,7 @@ def receptive_field(model: nn.Module | fx.GraphModule, layer: str,
     params = list(sub.parameters())
     dev = params[0].device if params else torch.device("cpu")
     dtype = params[0].dtype if params else torch.float32
-    propagate_shapes(sub, torch.zeros((1, *input_shape), device=dev, dtype=dtype))
+    graph.propagate_shapes(sub, torch.zeros((1, *input_shape), device=dev, dtype=dtype), "the model")
     return receptive_field_of(sub, graph.conv_call(sub, layer))
 
 
@@ -316,5 +310,5 @@ def box_area(box: tuple[int, int, int, int]) -> int:
     return max(0, box[2] - box[0]) * max(0, box[3] - box[1])
 
 
-__all__ = ["ReceptiveField", "box_area", "is_first_layer", "propagate_shapes",
+__all__ = ["ReceptiveField", "box_area", "is_first_layer",
            "receptive_field", "receptive_field_of"]
