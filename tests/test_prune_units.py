@@ -358,6 +358,29 @@ def test_a_custom_batchnorm_with_buffers_is_narrowed_as_one():
     assert a.total_params(removed) == sum(p.numel() for p in pruned.parameters())
 
 
+class _TrainingHead(nn.Module):
+    """An auxiliary head used only in training mode: the eval-mode trace never sees it."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.c, self.c2 = nn.Conv2d(3, 8, 3), nn.Conv2d(8, 8, 3)
+        self.fc, self.aux = nn.Linear(8, 10), nn.Conv2d(8, 4, 1)
+
+    def forward(self, x):
+        y = F.relu(self.c(x))
+        out = self.fc(F.adaptive_avg_pool2d(F.relu(self.c2(y)), 1).flatten(1))
+        return (out, self.aux(y)) if self.training else out
+
+
+def test_modules_the_eval_trace_does_not_call_are_named_and_counted(caplog):
+    m = _TrainingHead().eval()
+    with caplog.at_level("WARNING", logger="carprune"):
+        a = units.prunable_units(m, torch.zeros(1, 3, 12, 12))
+    assert a.untraced == ["aux"] and "modules aux are not called in eval mode" in caplog.text
+    pruned = surgery.prune_units(m, {"c": [0, 3]}, analysis=a)
+    assert a.total_params({"c": [0, 3]}) == sum(p.numel() for p in pruned.parameters())
+
+
 class _SharedShortcut(nn.Module):
     """One (parameter-free) padding shortcut module called on two different tensors."""
 

@@ -38,6 +38,7 @@ import torch
 from torch import fx, nn
 
 from . import graph, opsem
+from .callbacks import log
 
 
 class UnitError(ValueError):
@@ -189,6 +190,18 @@ class UnitAnalysis:
 
         self._fixed_flops = (count_cost(self.gm, self.input_shape).total_flops
                              - self._cost_of({})[0])
+        # modules with parameters that the eval-mode forward never calls (a branch on
+        # self.training, an unused head): surgery leaves them as they are
+        traced = {name for name, _ in self.gm.named_parameters()}
+        self.untraced = list(dict.fromkeys(
+            name.rpartition(".")[0] or name for name, _ in model.named_parameters()
+            if name not in traced))
+        self._all_params = sum(p.numel() for p in model.parameters())
+        if self.untraced:
+            log.warning("%s: modules %s are not called in eval mode (does forward() branch on "
+                        "self.training?); pruning leaves them as they are, so the pruned model "
+                        "may not run in training mode", type(model).__name__,
+                        ", ".join(self.untraced))
 
     # -- channel propagation -----------------------------------------------------------------
     def _shape(self, node: fx.Node) -> tuple[int, ...] | None:
@@ -536,8 +549,9 @@ class UnitAnalysis:
         return flops + self._fixed_flops, params
 
     def total_params(self, removed: Mapping[str, Sequence[int] | int] | None = None) -> int:
-        """Every parameter of the network (as `sum(p.numel())`) with `removed` taken out."""
-        base = sum(p.numel() for p in self.gm.parameters())
+        """Every parameter of the network (as `sum(p.numel())`, modules that the eval-mode
+        forward does not call included) with `removed` taken out."""
+        base = self._all_params
         return base - (self.cost({})[1] - self.cost(removed)[1])
 
     def saved_flops(self, name: str, removed: Mapping[str, Sequence[int] | int] | None = None
