@@ -140,8 +140,9 @@ def test_stop_and_resume_give_the_same_result_and_it_saves(tmp_path, lenet, lene
     with pytest.raises(ValueError, match=r"different run \(score_data: "):
         compress_global(lenet, "all", hold, checkpoint=ck, **kw)
     out = full.save(tmp_path / "res")
-    back = GlobalCompressionResult.load(out, cp.models.lenet5())
+    back = GlobalCompressionResult.load(out, cp.models.lenet5().train())
     assert back.removed == full.removed and back.trajectory == full.trajectory
+    assert not any(m.training for m in back.model.modules())   # as the figures were measured
     x, _ = hold.batch(slice(0, 50))
     with torch.no_grad():
         assert torch.equal(back.model(x), full.model(x))

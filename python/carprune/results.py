@@ -42,7 +42,8 @@ class PrunedModelResult:
 
     @classmethod
     def load(cls, directory: str | os.PathLike, architecture: nn.Module | None = None):
-        """Read a saved result; with `architecture` (the unpruned model) rebuild the model."""
+        """Read a saved result; with `architecture` (the unpruned model) rebuild the model, in
+        eval mode (as the saved one computed its figures)."""
         d = Path(directory)
         obj = read_json(d / "result.json", cls.__name__)
         fmt, version = obj.pop("format", None), obj.pop("version", None)
@@ -52,7 +53,7 @@ class PrunedModelResult:
             raise ValueError(f"{cls.__name__} version {version} in {d / 'result.json'} is not "
                              f"supported (this carprune reads version {cls.VERSION})")
         model = cls._load_model(d / "model", architecture) if architecture is not None else None
-        return cls.from_dict(obj, model)
+        return cls.from_dict(obj, model.eval() if model is not None else None)
 
     def _save_model(self, directory: Path) -> None:
         """Write the model under `directory` (default: a filter-pruned model, `save_pruned`)."""
