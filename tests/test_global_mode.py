@@ -5,6 +5,7 @@ with channels zeroed by forward hooks in float64, FLOPs saved counted by hand.""
 from __future__ import annotations
 
 import copy
+import re
 
 import pytest
 import torch
@@ -167,6 +168,22 @@ def test_the_same_call_after_a_finished_run_returns_its_result(lenet, lenet_spli
     again = compress_global(lenet, "all", score, **kw)
     assert first.stopped and again.stopped == first.stopped
     assert again.removed == first.removed and again.trajectory == first.trajectory
+
+
+def test_max_drop_cuts_a_round_of_several_channels_to_its_longest_prefix_within(lenet, lenet_split):
+    # per_round=3: the round that crosses max_drop keeps the longest prefix of its choices that
+    # stays within (here none of it), rather than undoing all three
+    score, hold = lenet_split
+    res = compress_global(lenet, "all", score, eval_data=hold, per_round=3, score_images=100,
+                          max_drop=0.01)
+    base = res.base_holdout_accuracy
+    assert all(r.holdout_accuracy >= 0.99 * base for r in res.trajectory)
+    assert all(len(r.removed) == 3 for r in res.trajectory)
+    m = re.fullmatch(r"removing the round's first (\d+) channels would take top1 from \S+ to "
+                     r"(\S+), beyond the relative max_drop=0.01; round (\d+) kept the first (\d+)",
+                     res.stopped)
+    assert m and int(m[1]) == int(m[4]) + 1 and float(m[2]) < 0.99 * base, res.stopped
+    assert int(m[3]) == len(res.trajectory) + 1
 
 
 def test_max_drop_keeps_the_longest_prefix_of_a_ranking_that_is_not_rescored(lenet, lenet_split):

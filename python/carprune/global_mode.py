@@ -21,10 +21,10 @@ that adds into it, a squeeze-excite gate with its channel, concatenated channels
 The run stops when the FLOPs reach `flops_target` x the original, or before the round that
 would take the metric beyond a relative `max_drop` of the original, as `compress_layer` measures
 it (accuracy-like metrics below (1 - max_drop) x, error-like ones above (1 + max_drop) x; hold-out
-split if given, else the scoring split; that round is undone; a criterion that is not re-scored
-takes its whole ranking in one round, so there the round keeps the longest prefix of its ranking
-within `max_drop`, found by bisection), or when no unit can lose another channel
-(`min_channels`). A JSON checkpoint is written after every round; the same call resumes
+split if given, else the scoring split; that round is undone, or, when it removes several
+channels (`per_round` > 1, or a criterion that is not re-scored, which takes its whole ranking in
+one round), it keeps the longest prefix of its order within `max_drop`, found by bisection), or
+when no unit can lose another channel (`min_channels`). A JSON checkpoint is written after every round; the same call resumes
 from it. The run reports each round to its `callbacks` and stops (raising `callbacks.Stopped`)
 when they ask, right after a checkpoint.
 """
@@ -432,12 +432,13 @@ def compress_global(
                     return (f"{metric_name} from {base_acc:.4f} to {acc:.4f}, beyond the relative "
                             f"max_drop={max_drop}")
 
-                if imp.rescore or len(chosen) == 1:
+                if len(chosen) == 1:
                     stopped = (f"round {len(trajectory) + 1} would take {over(acc_s, acc_h)}; it "
                                "was undone")
                     break
-                # a ranking that is not re-scored removes its whole prefix in one round: keep the
-                # longest prefix within max_drop (bisection: the metric taken to fall as it grows)
+                # a round of several channels (per_round > 1, or a ranking that is not re-scored:
+                # its whole prefix): keep the longest prefix of the round's order within max_drop
+                # (bisection: the metric taken to fall as the prefix grows)
                 lo, hi, best, worst = 0, len(chosen), None, (acc_s, acc_h)
                 while hi - lo > 1:
                     mid = (lo + hi) // 2
@@ -446,7 +447,7 @@ def compress_global(
                         lo, best = mid, got
                     else:
                         hi, worst = mid, got[2:]
-                stopped = (f"removing the ranking's first {hi} channels would take "
+                stopped = (f"removing the round's first {hi} channels would take "
                            f"{over(*worst)}; round {len(trajectory) + 1} kept the first {lo}")
                 if best is None:
                     break
