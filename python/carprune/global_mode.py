@@ -24,9 +24,10 @@ it (accuracy-like metrics below (1 - max_drop) x, error-like ones above (1 + max
 split if given, else the scoring split; that round is undone, or, when it removes several
 channels (`per_round` > 1, or a criterion that is not re-scored, which takes its whole ranking in
 one round), it keeps the longest prefix of its order within `max_drop`, found by bisection), or
-when no unit can lose another channel (`min_channels`). A JSON checkpoint is written after every round; the same call resumes
-from it. The run reports each round to its `callbacks` and stops (raising `callbacks.Stopped`)
-when they ask, right after a checkpoint.
+when no unit can lose another channel (`min_channels`). A JSON checkpoint is written after every
+round; the same call resumes from it (after the end too: it records why the run stopped). The run
+reports each round to its `callbacks` and stops (raising `callbacks.Stopped`) when they ask, right
+after a checkpoint.
 """
 
 from __future__ import annotations
