@@ -179,6 +179,20 @@ def _content_digest(p: Path, st: os.stat_result) -> str:
     return _CONTENT[key]
 
 
+def tree_digest(root: Path, keep: Callable[[str], bool] | None = None) -> str:
+    """A digest of the files under `root` (those whose name `keep` accepts, default all): each
+    one's path relative to `root`, size and mtime, in a fixed order; not `root`'s own path."""
+    h = hashlib.sha256()
+    for dirpath, dirnames, filenames in os.walk(root):
+        dirnames.sort()
+        rel = Path(dirpath).relative_to(root)
+        for f in sorted(filenames):
+            if keep is None or keep(f):
+                st = os.stat(os.path.join(dirpath, f))
+                h.update(f"{(rel / f).as_posix()}|{st.st_size}|{st.st_mtime_ns}\n".encode())
+    return h.hexdigest()[:16]
+
+
 def file_identity(path: str | os.PathLike | None) -> Any:
     """A file or directory a run reads, for a fingerprint: a resumed run must read the same
     files. A file is ["file", size, SHA-256 of its contents], so the same file copied elsewhere
@@ -192,11 +206,7 @@ def file_identity(path: str | os.PathLike | None) -> Any:
     if not p.exists():
         return str(p)
     if p.is_dir():
-        h = hashlib.sha256()
-        for f in sorted(q for q in p.rglob("*") if q.is_file()):
-            st = f.stat()
-            h.update(f"{f.relative_to(p).as_posix()}|{st.st_size}|{st.st_mtime_ns}\n".encode())
-        return ["dir", h.hexdigest()[:16]]
+        return ["dir", tree_digest(p)]
     st = p.stat()
     return ["file", st.st_size, _content_digest(p, st)]
 

@@ -73,7 +73,7 @@ _FUNCTION_NAME_RULES: dict[str, OpRule] = {
     "torchvision.ops.stochastic_depth.stochastic_depth": OpRule(keeps_zero=True),
 }
 _LEAVES: set[type] = set()
-_TRACED_AS_CALLS: list[Callable] = []   # registered Python functions (`wrapped_functions`)
+_TRACED_AS_CALLS: dict[Callable, None] = {}   # registered Python functions, in order
 _CHANNEL_MAPS: dict[type, ChannelMap] = {}
 
 
@@ -107,7 +107,6 @@ def _install_defaults() -> None:
         _MODULE_RULES[t] = _bn_rule
     for f in (F.relu, torch.relu, torch.relu_):
         _FUNCTION_RULES[f] = OpRule(keeps_zero=True, relu=True)
-
     for f in (F.relu6, F.leaky_relu, F.elu, F.selu, F.celu, F.gelu, F.silu, F.mish, F.hardswish,
               F.hardtanh, torch.tanh, F.tanh, F.max_pool1d, F.max_pool2d, F.avg_pool1d,
               F.avg_pool2d, F.adaptive_avg_pool1d, F.adaptive_avg_pool2d, F.adaptive_max_pool1d,
@@ -153,7 +152,7 @@ def register_channelwise(target: type[nn.Module] | Callable | str, *, keeps_zero
     elif callable(target):
         _FUNCTION_RULES[target] = rule
         if inspect.isfunction(target):   # a Python function: traced as one call, not entered
-            _TRACED_AS_CALLS.append(target)
+            _TRACED_AS_CALLS[target] = None
     else:
         raise TypeError(f"target must be an nn.Module subclass, a function or a method name, got "
                         f"{target!r}")
@@ -190,7 +189,7 @@ def _lookup_module(m: nn.Module) -> OpRule | None:
 def wrapped_functions() -> tuple[Callable, ...]:
     """The Python functions registered channel-wise: torch.fx keeps each a single call (its
     `autowrap_functions`) instead of tracing into its body, so the rule applies."""
-    return tuple(dict.fromkeys(_TRACED_AS_CALLS))
+    return tuple(_TRACED_AS_CALLS)
 
 
 def is_leaf(m: nn.Module) -> bool:
@@ -226,11 +225,11 @@ def rule(gm: fx.GraphModule, node: fx.Node) -> OpRule | None:
     if node.op == "call_function":
         if node.target is operator.getitem and _is_spatial_slice(node):
             return _ZERO
-        if node.target in _SPATIAL_FUNCTIONS and _spatial_dims_only(node):
-            return _ZERO
-        if node.target in _DIVISIONS and _by_a_number(node):
-            return _ZERO
         try:
+            if node.target in _SPATIAL_FUNCTIONS and _spatial_dims_only(node):
+                return _ZERO
+            if node.target in _DIVISIONS and _by_a_number(node):
+                return _ZERO
             r = _FUNCTION_RULES.get(node.target)
         except TypeError:  # unhashable target
             return None

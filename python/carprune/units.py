@@ -159,6 +159,9 @@ class _UnionFind:
             self.parent[max(ra, rb)] = min(ra, rb)
 
 
+_WARNED_UNTRACED: set[tuple[type, tuple[str, ...]]] = set()
+
+
 class UnitAnalysis:
     """Every unit of a network, found once on its traced graph (see the module docstring).
 
@@ -197,7 +200,9 @@ class UnitAnalysis:
             name.rpartition(".")[0] or name for name, _ in model.named_parameters()
             if name not in traced))
         self._all_params = sum(p.numel() for p in model.parameters())
-        if self.untraced:
+        if self.untraced and (type(model), tuple(self.untraced)) not in _WARNED_UNTRACED:
+            # once per model type: global compression analyses the pruned network every round
+            _WARNED_UNTRACED.add((type(model), tuple(self.untraced)))
             log.warning("%s: modules %s are not called in eval mode (does forward() branch on "
                         "self.training?); pruning leaves them as they are, so the pruned model "
                         "may not run in training mode", type(model).__name__,

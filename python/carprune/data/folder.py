@@ -20,6 +20,7 @@ from pathlib import Path
 
 import numpy as np
 
+from ..io import tree_digest
 from .arrays import ImageArrayDataset
 from .cache import atomic_save_npz, cache_dir, source_key
 from .cifar import CIFAR10_CLASSES, CIFAR10_MEAN, CIFAR10_STD, decode_class_images, read_image_tar
@@ -138,12 +139,9 @@ def to_channels(images: np.ndarray, channels: int | None) -> np.ndarray:
 
 # -- caching -------------------------------------------------------------------------------------
 def _dir_key(root: Path, *extra: str) -> str:
-    h = hashlib.sha256(str(root.resolve()).encode())
-    for p in _dir_files(root):
-        st = root.joinpath(*p).stat()
-        h.update(f"{'/'.join(p)}|{st.st_size}|{st.st_mtime_ns}\n".encode())
-    h.update("|".join(extra).encode())
-    return h.hexdigest()[:16]
+    """The decode cache's key of an image directory: its path and its images' `io.tree_digest`."""
+    text = "|".join([str(root.resolve()), tree_digest(root, _is_image), *extra])
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
 def _decode(path: Path, split: str | None, classes: Sequence[str] | None
